@@ -1,0 +1,42 @@
+# `make help` lists the targets. Everything runs in .venv (created on first use) unless VENV is overridden.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: help install train demo-data test lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[export,sweep,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install retrain with every extra
+
+demo-data: $(STAMP)  ## generate the offline demo ImageFolder in data/demo
+	$(PY) -m retrain.data.demo --root data/demo
+
+train: $(STAMP)  ## set up and train ResNet18 on the built-in demo data (CPU, a few minutes)
+	$(PY) train.py experiment=demo
+
+test: $(STAMP)  ## run the test suite
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --timeout=600 tests
+
+lint: $(STAMP)  ## ruff (lint + format check) and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)  ## run every benchmark in bench/ and print their tables
+	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:  ## remove caches, logs and generated data (keeps models/ and .venv)
+	rm -rf logs outputs multirun .pytest_cache .ruff_cache .mypy_cache data/demo

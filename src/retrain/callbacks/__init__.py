@@ -1,0 +1,1 @@
+"""Lightning callbacks: versioned checkpointing, progressive unfreezing, reports."""

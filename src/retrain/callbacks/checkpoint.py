@@ -1,0 +1,61 @@
+"""Versioned, atomic checkpointing: every file name says which model version, when, which epoch and how good."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from retrain.artifacts.formats import atomic_torch_save
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temp file and renames it into place, so a kill never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """Save `checkpoint` to `path` atomically (temp file, fsync, os.replace)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(checkpoint, Path(path))
+
+
+class VersionedCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose file names carry the model name, registry version, date, epoch and metric.
+
+    Example file name: ``resnet18-v003-20261127-epoch007-val_acc0.9512.ckpt``. The version is reserved by rank 0
+    before training (``stamp``) and broadcast to the other ranks in ``setup``, so every rank agrees on the paths.
+
+    >>> cb = VersionedCheckpoint(monitor="val/acc", mode="max")
+    >>> cb.stamp("resnet18", 3, dt.date(2026, 11, 27))
+    >>> cb.filename
+    'resnet18-v003-20261127-epoch{epoch:03d}-val_acc{val/acc:.4f}'
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_insert_metric_name", False)
+        super().__init__(*args, **kwargs)
+        self._stamp: tuple[str, int, str] | None = None
+
+    def stamp(self, name: str, version: int, date: dt.date | None = None) -> None:
+        """Set the name and version that go into every file name (rank 0, before `fit`)."""
+        day = (date or dt.datetime.now(dt.timezone.utc).date()).strftime("%Y%m%d")
+        self._stamp = (name, version, day)
+        self._apply_stamp()
+
+    def _apply_stamp(self) -> None:
+        assert self._stamp is not None
+        name, version, day = self._stamp
+        metric = ""
+        if self.monitor:
+            metric = f"-{self.monitor.replace('/', '_')}{{{self.monitor}:.4f}}"
+        self.filename = f"{name}-v{version:03d}-{day}-epoch{{epoch:03d}}{metric}"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Share rank 0's stamp with every rank before any path is computed."""
+        super().setup(trainer, pl_module, stage)
+        self._stamp = trainer.strategy.broadcast(self._stamp, src=0)
+        if self._stamp is not None:
+            self._apply_stamp()

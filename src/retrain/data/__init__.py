@@ -1,0 +1,1 @@
+"""ImageFolder discovery and splitting, transform presets, demo data and validation."""

@@ -1,0 +1,65 @@
+"""Transform presets: the PyTorch-docs eval pipeline scaled to any size, and train augmentation presets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchvision import transforms as T
+
+from retrain.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENT_PRESETS = ("none", "light", "strong")
+
+
+def preprocessing(image_size: int = 224) -> dict[str, Any]:
+    """The eval preprocessing facts for `image_size`, stored in every artifact so any tool can rebuild it."""
+    if image_size < 8:
+        raise ConfigError(f"data.image_size={image_size} is too small; expected at least 8 (224 is standard).")
+    return {
+        "image_size": image_size,
+        "resize": round(image_size * 256 / 224),
+        "crop": image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "interpolation": "bilinear",
+    }
+
+
+def eval_transforms(pre: dict[str, Any]) -> T.Compose:
+    """Resize, CenterCrop, ToTensor, Normalize, as the torchvision docs prescribe for ResNets."""
+    return T.Compose(
+        [
+            T.Resize(pre["resize"], interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.CenterCrop(pre["crop"]),
+            T.ToTensor(),
+            T.Normalize(pre["mean"], pre["std"]),
+        ]
+    )
+
+
+def train_transforms(pre: dict[str, Any], augment: str) -> T.Compose:
+    """The train pipeline for an augmentation preset; `none` is exactly the eval pipeline (deterministic)."""
+    if augment not in AUGMENT_PRESETS:
+        raise ConfigError(
+            f"data.augment={augment!r} is not a preset; expected one of {list(AUGMENT_PRESETS)}, "
+            "e.g. data.augment=light."
+        )
+    if augment == "none":
+        return eval_transforms(pre)
+    size = pre["crop"]
+    normalize = [T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
+    if augment == "light":
+        return T.Compose(
+            [T.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip(), *normalize]
+        )
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.TrivialAugmentWide(),
+            *normalize,
+            T.RandomErasing(p=0.25),
+        ]
+    )

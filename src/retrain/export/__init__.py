@@ -1,0 +1,1 @@
+"""Export to deployable formats: TorchScript, torch.export, ONNX, int8, pruning."""

@@ -1,0 +1,1 @@
+"""ResNet construction, surgery (stages, freezing, head replacement) and the LightningModule."""

@@ -1,0 +1,150 @@
+"""The thin LightningModule: a torchvision ResNet, its loss and metrics, and the optimizer built per stage."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.seed import seed_everything
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from retrain.model.surgery import param_groups, set_bn_mode
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+def _metrics(num_classes: int) -> MetricCollection:
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes >= 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+class ClassifierModule(L.LightningModule):
+    """Trains `model` (a torchvision ResNet) with cross-entropy; freezing and BN policy are applied by surgery."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: list[str],
+        *,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        lr: float = 0.01,
+        weight_decay: float = 1e-4,
+        stage_lr_mult: float | dict[str, float] | None = None,
+        frozen: Iterable[str] = (),
+        train_bn: bool = False,
+        seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.class_names = list(class_names)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.stage_lr_mult = stage_lr_mult
+        self.frozen = list(frozen)
+        self.train_bn = train_bn
+        self.seed = seed
+        self.channels_last = channels_last
+        self.metadata: dict[str, Any] = metadata or {}
+        self.history: list[dict[str, float]] = []  # per-epoch val metrics, kept across resume
+        self.criterion = nn.CrossEntropyLoss()
+        n = len(self.class_names)
+        self.train_metrics = _metrics(n).clone(prefix="train/")
+        self.val_metrics = _metrics(n).clone(prefix="val/")
+        self.test_metrics = _metrics(n).clone(prefix="test/")
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.compile()  # in place: the state_dict keeps plain torchvision keys (no `_orig_mod.`)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of normalized images."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def train(self, mode: bool = True) -> ClassifierModule:
+        """Enter train mode but keep BatchNorm of frozen stages in eval mode (unless `train_bn`)."""
+        super().train(mode)
+        if mode:
+            set_bn_mode(self.model, self.frozen, self.train_bn)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        """Seed the RNGs from (seed, epoch) so shuffling and augmentation replay exactly after a resume."""
+        seed_everything(self.seed + self.current_epoch, workers=True, verbose=False)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        metrics.update(logits, labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on one batch."""
+        return self._step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate val loss and metrics."""
+        self._step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate test loss and metrics."""
+        self._step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities for a batch (labels, if present, are ignored)."""
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(images).softmax(dim=1)
+
+    def on_validation_epoch_end(self) -> None:
+        """Remember this epoch's validation metrics for results.json and the report."""
+        if self.trainer.sanity_checking:
+            return
+        row = {"epoch": self.current_epoch}
+        row.update({k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
+        self.history.append(row)
+
+    def configure_optimizers(self) -> Any:
+        """One parameter group per stage, fixed now, so resume and unfreezing never change the layout."""
+        if self.optimizer_factory is None:
+            raise RuntimeError("ClassifierModule was built for inference: pass optimizer= to train it")
+        groups = param_groups(self.model, lr=self.lr, weight_decay=self.weight_decay, stage_lr_mult=self.stage_lr_mult)
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Embed the artifact metadata (with this moment's epoch, step and metrics) in every checkpoint."""
+        meta = copy.deepcopy(self.metadata)
+        meta["epoch"] = self.current_epoch
+        meta["global_step"] = self.global_step
+        meta["metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        meta["history"] = self.history
+        checkpoint["retrain"] = meta
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the metric history on resume."""
+        self.history = list(checkpoint.get("retrain", {}).get("history", []))

@@ -1,0 +1,95 @@
+"""Pieces that train, eval and predict share: the data from config, the loggers, the single-device evaluator."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from retrain.data.datamodule import ImageFolderDataModule
+from retrain.data.splits import DataSplits, discover, load_recorded
+from retrain.errors import ConfigError
+
+log = logging.getLogger("retrain")
+
+DATAMODULE_KEYS = (
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+    "prefetch_factor",
+    "fast_decode",
+)
+
+
+def find_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None) -> DataSplits:
+    """Discover data.root; reuse the split recorded in an artifact when it is from the same folder layout."""
+    if data_cfg.root is None:
+        raise ConfigError(
+            "data.root is not set. Expected the folder of your images: DIR/<class>/* or DIR/train/<class>/*. "
+            "Fix: python train.py data.root=/path/to/images (or `make train` for the built-in demo data)."
+        )
+    recorded = recorded or {}
+    split_file = recorded.get("split_file")
+    if split_file and Path(split_file).exists() and recorded.get("layout") == "folder":
+        return load_recorded(Path(split_file), data_cfg.root)
+    return discover(
+        data_cfg.root,
+        val_fraction=recorded.get("val_fraction", data_cfg.val_fraction),
+        test_fraction=recorded.get("test_fraction", data_cfg.test_fraction),
+        seed=recorded.get("split_seed", data_cfg.split_seed),
+    )
+
+
+def make_datamodule(
+    splits: DataSplits, data_cfg: DictConfig, *, image_size: int | None = None, augment: str | None = None
+) -> ImageFolderDataModule:
+    """The DataModule for `splits`; image size and augmentation may come from an artifact instead of the config."""
+    options = {key: data_cfg.get(key) for key in DATAMODULE_KEYS}
+    return ImageFolderDataModule(
+        splits,
+        image_size=image_size or data_cfg.image_size,
+        augment=augment or data_cfg.augment,
+        **options,
+    )
+
+
+def make_loggers(cfg: DictConfig) -> list[Logger]:
+    """Instantiate every logger under `logger:` (none when the group is null)."""
+    loggers_cfg = cfg.get("logger") or {}
+    return [instantiate(conf) for conf in loggers_cfg.values() if conf is not None and "_target_" in conf]
+
+
+def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Instantiate every callback under `callbacks:`."""
+    callbacks_cfg = cfg.get("callbacks") or {}
+    return [instantiate(conf) for conf in callbacks_cfg.values() if conf is not None and "_target_" in conf]
+
+
+def single_device_trainer(trainer_cfg: DictConfig, loggers: list[Logger] | bool = False) -> L.Trainer:
+    """A one-process Trainer for test/predict, so every sample is scored exactly once (no DDP padding)."""
+    return L.Trainer(
+        accelerator=trainer_cfg.get("accelerator", "auto"),
+        devices=1,
+        num_nodes=1,
+        precision=trainer_cfg.get("precision", "32-true"),
+        logger=loggers,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=trainer_cfg.get("default_root_dir"),
+        limit_test_batches=1 if trainer_cfg.get("fast_dev_run") else trainer_cfg.get("limit_test_batches"),
+        limit_predict_batches=trainer_cfg.get("limit_predict_batches"),
+    )
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data, for metadata and loggers."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return container

@@ -1,0 +1,1 @@
+"""Small shared helpers: logging, rank-zero, config printing."""
