@@ -32,7 +32,7 @@ def load_classifier(source: str, *, model_dir: Path, allow_pickle: bool) -> tupl
             f"Fix: retrain from it first (python train.py model.init_from={source} data.root=DIR)."
         )
     net = build_resnet(meta["arch"], len(meta["class_names"]))
-    load_weights(net, artifact.state_dict, source=source)
+    load_weights(net, artifact.state_dict, source=source, replace_head=False)
     return ClassifierModule(net, meta["class_names"]), meta
 
 

@@ -1,0 +1,98 @@
+"""Helpers for tests: tiny ImageFolders made on the fly, and a runner for the CLI as a user types it."""
+
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("cat", "dog", "fox")
+# Small, fast and deterministic: the settings every CLI test starts from.
+FAST = (
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "extras.print_config=false",
+)
+
+
+def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 40) -> None:
+    """A noisy image whose dominant colour channel is the label, so a tiny net can learn it quickly."""
+    pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+    pixels[..., label % 3] += 140
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "PNG" if path.suffix == ".png" else "JPEG"
+    Image.fromarray(pixels).save(path, fmt)
+
+
+def make_imagefolder(
+    root: Path, *, layout: str = "split", per_class: int = 8, classes: tuple[str, ...] = CLASSES, seed: int = 0
+) -> Path:
+    """Write a tiny ImageFolder: `split` = root/{train,val,test}/<class>/, `folder` = root/<class>/."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": per_class, "val": max(2, per_class // 2), "test": max(2, per_class // 2)}
+    for label, name in enumerate(classes):
+        if layout == "folder":
+            for i in range(per_class * 2):
+                write_image(root / name / f"{i:03d}.{'png' if i % 3 == 0 else 'jpg'}", label, rng)
+            continue
+        for split, count in splits.items():
+            for i in range(count):
+                write_image(root / split / name / f"{i:03d}.{'png' if i % 3 == 0 else 'jpg'}", label, rng)
+    return root
+
+
+@dataclass
+class CliResult:
+    """What a CLI run left: exit code, output, and the folder it ran in."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    cwd: Path
+    first: dict | None = None  # a fixture may keep the results of its own run here
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def runs(self, task: str = "train") -> list[Path]:
+        """Every single-run directory under logs/<task>/runs, oldest first."""
+        return sorted((self.cwd / "logs" / task / "runs").glob("*/*"))
+
+    def results(self, task: str = "train") -> dict:
+        """results.json of the newest run."""
+        return json.loads((self.runs(task)[-1] / "results.json").read_text())
+
+
+def run_cli(script: str, *overrides: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> CliResult:
+    """Run `python <script> <overrides>` from `cwd` exactly as a user would (logs/ and models/ land in cwd)."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    if env and "HYDRA_FULL_ERROR" in env:
+        full_env["HYDRA_FULL_ERROR"] = env["HYDRA_FULL_ERROR"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr, cwd)
+
+
+def assert_ok(result: CliResult) -> None:
+    """Fail with the CLI's own output when it did not exit 0."""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.output[-6000:]}"
