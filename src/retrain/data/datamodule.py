@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from functools import partial
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from retrain.data.images import open_rgb
 from retrain.data.splits import DataSplits
-from retrain.data.transforms import eval_transforms, preprocessing, train_transforms
+from retrain.data.transforms import MIN_CROP_SCALE, eval_transforms, preprocessing, train_transforms
 
 
 class ImageListDataset(Dataset):
@@ -67,13 +68,18 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.prefetch_factor = prefetch_factor if self.num_workers > 0 else None
-        # JPEG draft decoding only needs the short side to cover the resize target.
-        self.min_size = self.preprocessing["resize"] if fast_decode else None
+        # JPEG draft decoding only needs the short side to cover the resize target (eval) or the smallest
+        # random crop at full resolution (train).
+        self.fast_decode = fast_decode
 
     def dataset(self, split: str) -> ImageListDataset:
         """The dataset of one split, with train augmentation only for `train`."""
         transform = self.train_transform if split == "train" else self.eval_transform
-        return ImageListDataset(self.splits.samples[split], transform, self.min_size)
+        min_size = None
+        if self.fast_decode:
+            scale = MIN_CROP_SCALE[self.augment] if split == "train" else 1.0
+            min_size = math.ceil(self.preprocessing["resize"] / math.sqrt(scale))
+        return ImageListDataset(self.splits.samples[split], transform, min_size)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

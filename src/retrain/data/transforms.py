@@ -11,6 +11,8 @@ from retrain.errors import ConfigError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENT_PRESETS = ("none", "light", "strong")
+# The smallest RandomResizedCrop area of each preset: draft decoding must keep enough pixels for it.
+MIN_CROP_SCALE = {"none": 1.0, "light": 0.35, "strong": 0.08}
 
 
 def preprocessing(image_size: int = 224) -> dict[str, Any]:
@@ -52,11 +54,11 @@ def train_transforms(pre: dict[str, Any], augment: str) -> T.Compose:
     normalize = [T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
     if augment == "light":
         return T.Compose(
-            [T.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip(), *normalize]
+            [T.RandomResizedCrop(size, scale=(MIN_CROP_SCALE["light"], 1.0), antialias=True), T.RandomHorizontalFlip(), *normalize]
         )
     return T.Compose(
         [
-            T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+            T.RandomResizedCrop(size, scale=(MIN_CROP_SCALE["strong"], 1.0), antialias=True),
             T.RandomHorizontalFlip(),
             T.TrivialAugmentWide(),
             *normalize,

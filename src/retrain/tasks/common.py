@@ -82,6 +82,7 @@ def single_device_trainer(trainer_cfg: DictConfig, loggers: list[Logger] | bool 
         logger=loggers,
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=trainer_cfg.get("enable_progress_bar", True),
         default_root_dir=trainer_cfg.get("default_root_dir"),
         limit_test_batches=1 if trainer_cfg.get("fast_dev_run") else trainer_cfg.get("limit_test_batches"),
         limit_predict_batches=trainer_cfg.get("limit_predict_batches"),

@@ -169,18 +169,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(metadata["config"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # test and publish run in rank 0 alone
     if not trainer.is_global_zero:
         return {}
 
     best = next((cb for cb in checkpoints if cb.monitor and cb.best_model_path), None)
     best_path = Path(best.best_model_path) if best else None
+    if best_path:  # test and publish the best weights, not the last ones
+        module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
     test_metrics: dict[str, float] = {}
     if cfg.test:
-        tester = single_device_trainer(cfg.trainer, loggers)
-        out = tester.test(module, datamodule=datamodule, ckpt_path=str(best_path) if best_path else None, verbose=False)
+        out = single_device_trainer(cfg.trainer, loggers).test(module, datamodule=datamodule, verbose=False)
         test_metrics = {k: float(v) for k, v in out[0].items()} if out else {}
-    elif best_path:
-        module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
 
     results = _results(cfg, module, trainer, best, test_metrics, run_dir, bad_files)
     if reservation is not None:

@@ -29,9 +29,11 @@ def _run_id() -> str:
 
 
 def register_resolvers() -> None:
-    """Make `${run_id:}` available to the configs (cached: one value per process)."""
+    """Make `${run_id:}` (cached: one value per process) and `${abspath:PATH}` available to the configs."""
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
+    if not OmegaConf.has_resolver("abspath"):
+        OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(os.path.expanduser(path)))
 
 
 def output_dir() -> Path:

@@ -1,0 +1,307 @@
+"""Scan an image folder before training: bad files, empty or mismatched classes, hidden files and leakage.
+
+Usage: `python -m retrain.data.validate DIR [--full]`; exit 1 when training would stop, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from rich.console import Console
+
+from retrain.data.images import IMAGE_PROBLEM_KINDS, check_image, has_image_extension
+from retrain.errors import ConfigError, DataError, RetrainError
+
+SPLITS = ("train", "val", "test")
+MODES = ("quick", "full")
+ALL = "all"  # the class_names key of the folder layout, which has no split folders
+
+# Structure kinds (the image-level kinds live in retrain.data.images).
+NO_CLASSES = "no_classes"
+MISSING_SPLIT = "missing_split"
+MISSING_CLASS = "missing_class"
+EMPTY_CLASS = "empty_class"
+LEAKAGE = "leakage"
+HIDDEN = "hidden"
+IGNORED = "ignored"
+
+ERROR_KINDS = (*IMAGE_PROBLEM_KINDS, NO_CLASSES, MISSING_SPLIT, MISSING_CLASS, EMPTY_CLASS)
+WARNING_KINDS = (LEAKAGE, HIDDEN)
+NOTE_KINDS = (IGNORED,)
+KINDS = ERROR_KINDS + WARNING_KINDS + NOTE_KINDS
+
+
+def is_hidden_name(name: str) -> bool:
+    """Dot-names and macOS zip debris, which no loader of this project reads as classes or images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: the file or folder it is about, its kind (a constant of this module) and what was seen."""
+
+    path: Path
+    kind: str
+    detail: str = ""
+
+
+@dataclass
+class ValidationReport:
+    """Everything `scan` found, so training can stop or skip bad files with the reason shown to the user."""
+
+    root: Path
+    mode: str
+    layout: str  # "split" (root/train, root/val[, root/test]) or "folder" (root/<class>)
+    problems: list[Problem] = field(default_factory=list)
+    n_files: int = 0  # files with an image extension that were checked
+    class_names: dict[str, list[str]] = field(default_factory=dict)  # per split, or under ALL
+
+    def bad_files(self) -> list[Path]:
+        """The files that must be left out of training, because no loader can read them."""
+        return sorted({p.path for p in self.problems if p.kind in IMAGE_PROBLEM_KINDS})
+
+    def counts(self) -> dict[str, int]:
+        """Number of problems per kind, in the order of KINDS."""
+        found = Counter(p.kind for p in self.problems)
+        return {kind: found[kind] for kind in KINDS if found[kind]}
+
+    def has_errors(self) -> bool:
+        """Whether training would stop: a bad file, or a class or split that is missing or empty."""
+        return any(p.kind in ERROR_KINDS for p in self.problems)
+
+    def format(self, max_rows: int = 20) -> str:
+        """A readable report: counts per kind, then the paths of each kind (at most max_rows each)."""
+        splits = ", ".join(f"{split} {len(names)}" for split, names in self.class_names.items())
+        lines = [
+            f"Data folder: {self.root}",
+            f"{self.layout} layout, classes: {splits or 'none'}; "
+            f"{self.n_files} image files checked ({self.mode} mode)",
+        ]
+        counts = self.counts()
+        if not counts:
+            return "\n".join([*lines, "No problems found."])
+        width = max(map(len, counts))
+        for title, kinds in (
+            ("Errors (training stops)", ERROR_KINDS),
+            ("Warnings", WARNING_KINDS),
+            ("Notes", NOTE_KINDS),
+        ):
+            rows = [f"  {kind:<{width}}  {counts[kind]}" for kind in kinds if kind in counts]
+            if rows:
+                lines += [f"{title}:", *rows]
+        for kind in counts:
+            of_kind = [p for p in self.problems if p.kind == kind]
+            lines += ["", f"{kind} ({len(of_kind)}):"]
+            lines += [f"  {_relative(self.root, p.path)}: {p.detail}" for p in of_kind[:max_rows]]
+            if len(of_kind) > max_rows:
+                lines.append(f"  ... and {len(of_kind) - max_rows} more")
+        return "\n".join(lines)
+
+
+def _relative(root: Path, path: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def scan(root: str | Path, *, mode: str = "quick", workers: int | None = None) -> ValidationReport:
+    """Check a data folder in either layout; `quick` reads headers, `full` decodes every image."""
+    if mode not in MODES:
+        raise ConfigError(
+            f"data.validate={mode!r} is not a scan mode; expected one of {list(MODES)}. "
+            "Fix: data.validate=quick (headers only) or data.validate=full (decode every image)."
+        )
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        what = "is a file" if root.exists() else "does not exist"
+        raise DataError(
+            f"The data folder {root} {what}. Expected a folder holding train/<class>/ and val/<class>/ "
+            "(optionally test/<class>/), or one folder per class. Fix: pass the path of that folder."
+        )
+    survey = _Survey(root)
+    folders = survey.split_folders()
+    report = ValidationReport(root, mode, "split" if ALL not in folders else "folder")
+    images: list[tuple[str, str, Path]] = []  # (split, class, path)
+    for split, folder in folders.items():
+        report.class_names[split] = survey.class_dirs(folder)
+        for name in report.class_names[split]:
+            images += [(split, name, path) for path in survey.class_images(folder / name)]
+    report.n_files = len(images)
+    workers = workers or min(32, (os.cpu_count() or 1) + 4)
+    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+        # Filters are process-wide, so silencing here covers the workers; bombs are reported by size instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        found = list(pool.map(lambda item: check_image(item[2], full=mode == "full"), images))
+        survey.problems += [Problem(item[2], *f) for item, f in zip(images, found, strict=True) if f]
+        good = [item for item, f in zip(images, found, strict=True) if not f]
+        survey.check_classes(report.class_names, folders, images, good)
+        if report.layout == "split":
+            survey.check_leakage(good, pool)
+    report.problems = sorted(survey.problems, key=lambda p: (KINDS.index(p.kind), str(p.path)))
+    return report
+
+
+class _Survey:
+    """Walks the folder the way the DataModule reads it, collecting the structure problems on the way."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.problems: list[Problem] = []
+
+    def split_folders(self) -> dict[str, Path]:
+        present = [s for s in SPLITS if (self.root / s).is_dir()]
+        if not present:
+            return {ALL: self.root}
+        for split in ("train", "val"):
+            if split not in present:
+                self.add(self.root / split, MISSING_SPLIT, f"the split layout needs {split}/<class>/ folders")
+        for entry in self._entries(self.root):
+            if entry.name not in present:
+                self.add(Path(entry.path), IGNORED, "not a train/, val/ or test/ folder")
+        return {s: self.root / s for s in present}
+
+    def class_dirs(self, folder: Path) -> list[str]:
+        names = []
+        for entry in self._entries(folder):
+            if entry.is_dir():
+                names.append(entry.name)
+            else:
+                self.add(Path(entry.path), IGNORED, "a file outside any class folder")
+        if not names:
+            self.add(folder, NO_CLASSES, "no class sub-folders; expected one folder of images per class")
+        return names
+
+    def class_images(self, folder: Path) -> list[Path]:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            for name in sorted(dirnames):
+                if is_hidden_name(name):
+                    self.add(Path(dirpath, name), HIDDEN, "hidden folder, left out of the dataset")
+                    dirnames.remove(name)
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath, name)
+                if is_hidden_name(name):
+                    self.add(path, HIDDEN, "hidden file, left out of the dataset")
+                elif has_image_extension(name):
+                    found.append(path)
+                else:
+                    self.add(path, IGNORED, "no image extension, left out of the dataset")
+        return found
+
+    def check_classes(
+        self,
+        class_names: dict[str, list[str]],
+        folders: dict[str, Path],
+        images: list[tuple[str, str, Path]],
+        good: list[tuple[str, str, Path]],
+    ) -> None:
+        total = Counter((split, name) for split, name, _ in images)
+        usable = Counter((split, name) for split, name, _ in good)
+        for split, names in class_names.items():
+            for name in names:
+                if not usable[split, name]:
+                    n = total[split, name]
+                    detail = f"all {n} image files are bad" if n else "no file with an image extension"
+                    self.add(folders[split] / name, EMPTY_CLASS, detail)
+        if "train" not in class_names:
+            return
+        train = set(class_names["train"])
+        for split in ("val", "test"):
+            if split not in class_names:
+                continue
+            other = set(class_names[split])
+            for name in sorted(train - other):
+                self.add(
+                    folders[split] / name, MISSING_CLASS, f"class {name!r} is in train/ but not in {split}/"
+                )
+            for name in sorted(other - train):
+                self.add(
+                    folders["train"] / name, MISSING_CLASS, f"class {name!r} is in {split}/ but not in train/"
+                )
+
+    def check_leakage(self, good: list[tuple[str, str, Path]], pool: ThreadPoolExecutor) -> None:
+        # Only files whose size occurs in two splits can be equal, so most files are never hashed.
+        by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
+        for split, _, path in good:
+            by_size[path.stat().st_size].append((split, path))
+        candidates = [item for group in by_size.values() if len({s for s, _ in group}) > 1 for item in group]
+        digests = pool.map(lambda item: _sha256(item[1]), candidates)
+        by_digest: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+        for item, digest in zip(candidates, digests, strict=True):
+            by_digest[digest].append(item)
+        for group in by_digest.values():
+            first_split = min(SPLITS.index(s) for s, _ in group)
+            original = min(p for s, p in group if SPLITS.index(s) == first_split)
+            for split, path in group:
+                if SPLITS.index(split) > first_split:
+                    relative = original.relative_to(self.root)
+                    self.add(path, LEAKAGE, f"same bytes as {relative}: the image leaks across splits")
+
+    def add(self, path: Path, kind: str, detail: str) -> None:
+        self.problems.append(Problem(path, kind, detail))
+
+    def _entries(self, folder: Path) -> Iterable[os.DirEntry[str]]:
+        """Sorted entries of a folder; hidden ones are reported and left out."""
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if is_hidden_name(entry.name):
+                self.add(Path(entry.path), HIDDEN, "hidden, left out of the dataset")
+            else:
+                yield entry
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def raise_for_bad_files(report: ValidationReport, max_shown: int = 10) -> None:
+    """Stop training with one message that lists the bad files (`data.on_bad_file=error`); return if none."""
+    bad = report.bad_files()
+    if not bad:
+        return
+    kinds = Counter(p.kind for p in report.problems if p.kind in IMAGE_PROBLEM_KINDS)
+    breakdown = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    shown = ", ".join(_relative(report.root, p) for p in bad[:max_shown])
+    more = f" and {len(bad) - max_shown} more" if len(bad) > max_shown else ""
+    raise DataError(
+        f"{len(bad)} image files under {report.root} cannot be read ({breakdown}): {shown}{more}. "
+        "Expected every file with an image extension to decode. Fix: delete or replace them, or set "
+        "data.on_bad_file=skip to train without them (they are then listed in bad_files.txt); "
+        f"`python -m retrain.data.validate {report.root} --full` says what is wrong with each."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: print the report; exit 1 if training would stop, 2 on a usage error such as a missing DIR."""
+    parser = argparse.ArgumentParser(prog="python -m retrain.data.validate", description=__doc__)
+    parser.add_argument("root", metavar="DIR", help="the data folder (split or folder layout)")
+    parser.add_argument("--full", action="store_true", help="decode every image instead of reading headers")
+    parser.add_argument("--max-rows", type=int, default=20, help="paths listed per problem kind (20)")
+    args = parser.parse_args(argv)
+    console = Console(highlight=False, soft_wrap=True, emoji=False)
+    try:
+        report = scan(args.root, mode="full" if args.full else "quick")
+    except RetrainError as e:
+        Console(stderr=True, highlight=False, soft_wrap=True, emoji=False).print(f"error: {e}", markup=False)
+        return 2
+    console.print(report.format(max_rows=args.max_rows), markup=False)
+    if report.has_errors():
+        console.print("[bold red]FAIL[/]: training would stop on the errors above.")
+        return 1
+    console.print("[bold green]OK[/]: nothing would stop training.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
