@@ -24,7 +24,7 @@ train: $(STAMP)  ## set up and train ResNet18 on the built-in demo data (CPU, a 
 	$(PY) train.py experiment=demo
 
 test: $(STAMP)  ## run the test suite
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --timeout=600 tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --timeout=600 tests
 
 lint: $(STAMP)  ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,5 @@
 """Helpers for tests: tiny ImageFolders made on the fly, and a runner for the CLI as a user types it."""
 
-
 from __future__ import annotations
 
 import json
@@ -37,7 +36,12 @@ def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 40
 
 
 def make_imagefolder(
-    root: Path, *, layout: str = "split", per_class: int = 8, classes: tuple[str, ...] = CLASSES, seed: int = 0
+    root: Path,
+    *,
+    layout: str = "split",
+    per_class: int = 8,
+    classes: tuple[str, ...] = CLASSES,
+    seed: int = 0,
 ) -> Path:
     """Write a tiny ImageFolder: `split` = root/{train,val,test}/<class>/, `folder` = root/<class>/."""
     rng = np.random.default_rng(seed)
@@ -76,7 +80,9 @@ class CliResult:
         return json.loads((self.runs(task)[-1] / "results.json").read_text())
 
 
-def run_cli(script: str, *overrides: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> CliResult:
+def run_cli(
+    script: str, *overrides: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300
+) -> CliResult:
     """Run `python <script> <overrides>` from `cwd` exactly as a user would (logs/ and models/ land in cwd)."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)

@@ -51,7 +51,9 @@ def test_run_leaves_results_checkpoints_metrics_and_a_registry_version(trained) 
 
 def test_eval_reproduces_the_test_accuracy_training_reported(trained, imagefolder: Path) -> None:
     results = trained.first
-    evaluated = run_cli("eval.py", f"ckpt_path={results['best_checkpoint']}", f"data.root={imagefolder}", cwd=trained.cwd)
+    evaluated = run_cli(
+        "eval.py", f"ckpt_path={results['best_checkpoint']}", f"data.root={imagefolder}", cwd=trained.cwd
+    )
     assert_ok(evaluated)
     scores = evaluated.results("eval")
     assert scores["split"] == "test"
@@ -63,11 +65,20 @@ def test_resume_continues_epochs_optimizer_and_schedule(trained, imagefolder: Pa
     first = trained.first
     ckpt = torch.load(Path(first["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     resumed = run_cli(
-        "train.py", f"data.root={imagefolder}", "trainer.max_epochs=3", "ckpt_path=last", *FAST, cwd=trained.cwd
+        "train.py",
+        f"data.root={imagefolder}",
+        "trainer.max_epochs=3",
+        "ckpt_path=last",
+        *FAST,
+        cwd=trained.cwd,
     )
     assert_ok(resumed)
     results = resumed.results()
-    assert [row["epoch"] for row in results["history"]] == [0, 1, 2]  # epochs 0-1 restored, only 2 was trained
+    assert [row["epoch"] for row in results["history"]] == [
+        0,
+        1,
+        2,
+    ]  # epochs 0-1 restored, only 2 was trained
     assert results["global_step"] == first["global_step"] * 3 // 2
     assert results["metadata"]["parent"]["how"] == "resumed"
     assert results["metadata"]["parent"]["path"].endswith("last.ckpt")
@@ -103,7 +114,13 @@ def test_flat_layout_is_split_by_fraction_and_recorded(tmp_path: Path) -> None:
 
 def test_sweep_runs_one_numbered_job_per_value(tmp_path: Path, imagefolder: Path) -> None:
     result = run_cli(
-        "train.py", "-m", "model.lr=0.01,0.001", f"data.root={imagefolder}", "trainer.max_epochs=1", *FAST, *LIMITS,
+        "train.py",
+        "-m",
+        "model.lr=0.01,0.001",
+        f"data.root={imagefolder}",
+        "trainer.max_epochs=1",
+        *FAST,
+        *LIMITS,
         cwd=tmp_path,
     )
     assert_ok(result)
@@ -121,8 +138,14 @@ def test_sweep_runs_one_numbered_job_per_value(tmp_path: Path, imagefolder: Path
 
 def test_ddp_on_cpu_gives_one_run_one_set_of_checkpoints(tmp_path: Path, imagefolder: Path) -> None:
     result = run_cli(
-        "train.py", "trainer=ddp_cpu", "trainer.devices=2", "model.freeze=true", f"data.root={imagefolder}",
-        "trainer.max_epochs=1", *FAST, cwd=tmp_path,
+        "train.py",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "model.freeze=true",
+        f"data.root={imagefolder}",
+        "trainer.max_epochs=1",
+        *FAST,
+        cwd=tmp_path,
     )
     assert_ok(result)
     runs = result.runs()
@@ -136,8 +159,14 @@ def test_ddp_on_cpu_gives_one_run_one_set_of_checkpoints(tmp_path: Path, imagefo
 
 def test_demo_experiment_builds_its_data_offline_and_trains(tmp_path: Path) -> None:
     result = run_cli(
-        "train.py", "experiment=demo", "trainer.max_epochs=1", "data.num_workers=0", "data.image_size=32", *LIMITS,
-        "trainer.enable_progress_bar=false", cwd=tmp_path,
+        "train.py",
+        "experiment=demo",
+        "trainer.max_epochs=1",
+        "data.num_workers=0",
+        "data.image_size=32",
+        *LIMITS,
+        "trainer.enable_progress_bar=false",
+        cwd=tmp_path,
     )
     assert_ok(result)
     demo = tmp_path / "data" / "demo"

@@ -67,7 +67,13 @@ class DataSplits:
         """A copy with the given file paths excluded (the `on_bad_file=skip` policy)."""
         kept = {s: [(p, y) for p, y in items if p not in bad] for s, items in self.samples.items()}
         return DataSplits(
-            self.root, self.layout, self.class_names, kept, self.split_seed, self.val_fraction, self.test_fraction
+            self.root,
+            self.layout,
+            self.class_names,
+            kept,
+            self.split_seed,
+            self.val_fraction,
+            self.test_fraction,
         )
 
     def save(self, path: Path) -> None:
@@ -96,9 +102,7 @@ def _images(folder: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if _visible(d))
         found += [
-            os.path.join(dirpath, f)
-            for f in sorted(filenames)
-            if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
+            os.path.join(dirpath, f) for f in sorted(filenames) if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
         ]
     return found
 

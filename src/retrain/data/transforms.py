@@ -54,7 +54,11 @@ def train_transforms(pre: dict[str, Any], augment: str) -> T.Compose:
     normalize = [T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
     if augment == "light":
         return T.Compose(
-            [T.RandomResizedCrop(size, scale=(MIN_CROP_SCALE["light"], 1.0), antialias=True), T.RandomHorizontalFlip(), *normalize]
+            [
+                T.RandomResizedCrop(size, scale=(MIN_CROP_SCALE["light"], 1.0), antialias=True),
+                T.RandomHorizontalFlip(),
+                *normalize,
+            ]
         )
     return T.Compose(
         [

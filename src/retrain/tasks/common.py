@@ -93,4 +93,4 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain JSON-able data, for metadata and loggers."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    return container
+    return {str(k): v for k, v in container.items()}

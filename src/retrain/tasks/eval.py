@@ -38,7 +38,9 @@ def load_classifier(source: str, *, model_dir: Path, allow_pickle: bool) -> tupl
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test an artifact on data.root's test split (val when there is none) and write results.json."""
-    module, meta = load_classifier(str(cfg.ckpt_path), model_dir=Path(cfg.paths.model_dir), allow_pickle=cfg.allow_pickle)
+    module, meta = load_classifier(
+        str(cfg.ckpt_path), model_dir=Path(cfg.paths.model_dir), allow_pickle=cfg.allow_pickle
+    )
     recorded = meta.get("dataset") or {}
     same_root = Path(str(cfg.data.root)).expanduser().resolve() == Path(recorded.get("root", "/nonexistent"))
     splits = find_splits(cfg.data, recorded if same_root else None)

@@ -13,11 +13,16 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from retrain.artifacts import registry
-from retrain.artifacts.formats import Artifact, read_artifact, save_full_model, save_safetensors, save_weights_pth
+from retrain.artifacts.formats import (
+    Artifact,
+    read_artifact,
+    save_full_model,
+    save_safetensors,
+    save_weights_pth,
+)
 from retrain.artifacts.metadata import new_metadata, sha256_file, write_json
 from retrain.artifacts.sources import load_source
 from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
@@ -27,8 +32,16 @@ from retrain.errors import ConfigError
 from retrain.model.module import ClassifierModule
 from retrain.model.resnet import build_resnet
 from retrain.model.surgery import apply_freeze, load_weights, parse_freeze
-from retrain.tasks.common import find_splits, make_callbacks, make_datamodule, make_loggers, plain, single_device_trainer
+from retrain.tasks.common import (
+    find_splits,
+    make_callbacks,
+    make_datamodule,
+    make_loggers,
+    plain,
+    single_device_trainer,
+)
 from retrain.utils.hydra import is_multirun, output_dir
+from retrain.utils.ranks import is_rank_zero
 
 log = logging.getLogger("retrain")
 
@@ -72,7 +85,7 @@ def _parent(artifact: Artifact | None, source: str | None, how: str) -> dict[str
 
 
 def _prepare_data(cfg: DictConfig, resumed: Artifact | None) -> Any:
-    if cfg.data.demo and rank_zero_only.rank == 0:
+    if cfg.data.demo and is_rank_zero():
         build_demo_dataset(Path(cfg.data.root))
     recorded = ((resumed.metadata or {}).get("dataset") if resumed else None) or None
     splits = find_splits(cfg.data, recorded)
@@ -89,7 +102,7 @@ def _prepare_data(cfg: DictConfig, resumed: Artifact | None) -> Any:
 
 
 def _version_for_this_run(cfg: DictConfig) -> registry.Reservation | None:
-    if not cfg.save.publish or rank_zero_only.rank != 0:
+    if not cfg.save.publish or not is_rank_zero():
         return None
     return registry.reserve_version(Path(cfg.paths.model_dir), str(cfg.name))
 
@@ -126,12 +139,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     reservation = _version_for_this_run(cfg)
     version = reservation.version if reservation else 0
-    if rank_zero_only.rank == 0:
+    if is_rank_zero():
         split_file = run_dir / "split.json"
         splits.save(split_file)
         if bad_files:
             (run_dir / "bad_files.txt").write_text("\n".join(bad_files) + "\n")
-    dataset_facts = {**datamodule.describe(), "split_file": str(run_dir / "split.json"), "bad_files": len(bad_files)}
+    dataset_facts = {
+        **datamodule.describe(),
+        "split_file": str(run_dir / "split.json"),
+        "bad_files": len(bad_files),
+    }
     metadata = new_metadata(
         name=str(cfg.name),
         version=version,
