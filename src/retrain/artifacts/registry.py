@@ -1,0 +1,248 @@
+"""The local versioned model registry: ``${model_dir}/<name>/v003/`` folders, ``latest`` and lineage.
+
+A version is reserved as a hidden staging folder ``<name>/.v003.partial`` (``os.mkdir`` is atomic, so two
+processes never get the same number), filled by the caller, then published with one ``os.rename`` to
+``<name>/v003``; readers therefore never see half a version. ``<name>/latest`` is a relative symlink
+(``latest -> v003``), replaced atomically with ``os.replace`` under a file lock and only by a newer version;
+when it is missing (e.g. the registry was copied without symlinks) readers fall back to the newest vNNN.
+Kept free of torch so that ``python -m retrain.registry`` starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retrain.artifacts.metadata import read_json
+from retrain.errors import ArtifactError, RegistryError
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+VERSION_DIR_RE = re.compile(r"v(\d{3,})")
+_STAGING_RE = re.compile(r"\.v(\d{3,})\.partial")
+_VERSION_REF_RE = re.compile(r"v?(\d+)")
+METADATA_FILE = "metadata.json"
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A version number held by one writer, and the staging folder its files go into before publishing."""
+
+    name: str
+    version: int
+    staging: Path
+
+
+def version_dirname(version: int) -> str:
+    """Spell a version as its folder name (``v003``), zero padded so folders sort in version order."""
+    return f"v{version:03d}"
+
+
+def _check_name(name: str) -> None:
+    if not NAME_RE.fullmatch(name):
+        raise RegistryError(
+            f"Model name {name!r} cannot be used in the registry. Expected letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (it becomes a folder name). Fix: choose a name such as "
+            "'flowers' or 'cats-v-dogs'."
+        )
+
+
+def _published(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := VERSION_DIR_RE.fullmatch(p.name)) and p.is_dir())
+
+
+def _taken(root: Path) -> list[int]:
+    taken = _published(root)
+    for p in root.iterdir():
+        if m := _STAGING_RE.fullmatch(p.name):
+            taken.append(int(m.group(1)))
+    return taken
+
+
+def reserve_version(model_dir: Path, name: str) -> Reservation:
+    """Claim the next version number of ``name`` for this writer only, with a staging folder to fill."""
+    _check_name(name)
+    root = Path(model_dir) / name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        number = max(_taken(root), default=0) + 1
+        while True:
+            staging = root / f".{version_dirname(number)}.partial"
+            try:
+                os.mkdir(staging)
+            except FileExistsError:
+                number += 1
+                continue
+            # Another writer may have published this number between our listing and our mkdir.
+            if (root / version_dirname(number)).exists():
+                os.rmdir(staging)
+                number += 1
+                continue
+            return Reservation(name, number, staging)
+    except OSError as e:
+        raise RegistryError(
+            f"Cannot write the model registry at {root} ({e.strerror or e}: {e.filename or root}). "
+            "Expected a writable folder. Fix: set paths.model_dir (or RETRAIN_MODEL_DIR) to a writable "
+            "folder, or remove the file that sits where that folder should be."
+        ) from None
+
+
+def publish(reservation: Reservation) -> Path:
+    """Make a filled staging folder visible as ``<name>/vNNN`` and move ``latest`` to it if it is newer.
+
+    All or nothing: on failure the earlier versions and ``latest`` are unchanged and the staging folder is
+    left in place, so the caller can retry or ``abandon`` it.
+    """
+    staging = reservation.staging
+    root = staging.parent
+    final = root / version_dirname(reservation.version)
+    if not (staging / METADATA_FILE).is_file():
+        raise RegistryError(
+            f"Cannot publish {reservation.name}@{version_dirname(reservation.version)}: {staging} has no "
+            f"{METADATA_FILE}. Expected the staging folder to hold the model files and their metadata. "
+            "Fix: write metadata.json into the staging folder before publishing."
+        )
+    try:
+        os.rename(staging, final)
+    except OSError as e:
+        raise RegistryError(
+            f"Cannot publish {reservation.name}@{version_dirname(reservation.version)}: moving {staging} to "
+            f"{final} failed ({e.strerror or e}). Earlier versions and latest are unchanged. "
+            "Fix: check free space and permissions of the registry folder, then train again."
+        ) from None
+    try:
+        _point_latest(root, reservation.version)
+    except OSError as e:
+        # Roll back, so a version is only ever visible together with a correct latest.
+        with contextlib.suppress(OSError):
+            os.rename(final, staging)
+        raise RegistryError(
+            f"Cannot publish {reservation.name}@{version_dirname(reservation.version)}: updating "
+            f"{root / LATEST} failed ({e.strerror or e}). Earlier versions and latest are unchanged; "
+            f"the files stay in {staging}. Fix: check permissions of {root}, then train again."
+        ) from None
+    return final
+
+
+def _point_latest(root: Path, version: int) -> None:
+    # The lock makes read-compare-replace atomic, so concurrent publishers leave latest at the newest.
+    with open(root / ".latest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = _latest_version(root)
+        if current is not None and current >= version:
+            return
+        tmp = root / ".latest.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(version_dirname(version), tmp)
+        os.replace(tmp, root / LATEST)
+
+
+def _latest_version(root: Path) -> int | None:
+    try:
+        target = os.readlink(root / LATEST)
+    except OSError:
+        return None
+    m = VERSION_DIR_RE.fullmatch(target)
+    return int(m.group(1)) if m and (root / target).is_dir() else None
+
+
+def abandon(reservation: Reservation) -> None:
+    """Drop a reservation whose run failed, so its half-written files never look like a model."""
+    shutil.rmtree(reservation.staging, ignore_errors=True)
+
+
+def known_names(model_dir: Path) -> list[str]:
+    """List the model names that have at least one published version."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(p.name for p in model_dir.iterdir() if NAME_RE.fullmatch(p.name) and _published(p))
+
+
+def resolve(model_dir: Path, ref: str) -> Path:
+    """Turn ``name@v3``, ``name@3``, ``name@latest`` or ``name`` into that version's folder."""
+    model_dir = Path(model_dir)
+    name, _, version_ref = ref.strip().partition("@")
+    _check_name(name)
+    root = model_dir / name
+    versions = _published(root)
+    if not versions:
+        names = known_names(model_dir)
+        known = ", ".join(names) if names else "none yet"
+        raise RegistryError(
+            f"No model named {name!r} in the registry {model_dir} (known names: {known}). Expected a "
+            "reference like name@v3, name@3 or name@latest. Fix: use one of the known names, or point "
+            "--model-dir / RETRAIN_MODEL_DIR / paths.model_dir at the registry that holds it."
+        )
+    if version_ref in ("", LATEST):
+        version = _latest_version(root) or versions[-1]
+    elif m := _VERSION_REF_RE.fullmatch(version_ref):
+        version = int(m.group(1))
+    else:
+        raise RegistryError(
+            f"{ref!r} has an unknown version part {version_ref!r}. Expected name@v3, name@3 or name@latest. "
+            f"Fix: use one of {name}@latest, " + ", ".join(f"{name}@{version_dirname(v)}" for v in versions)
+        )
+    if version not in versions:
+        raise RegistryError(
+            f"{name} has no version {version} in {model_dir}. Known versions: "
+            + ", ".join(version_dirname(v) for v in versions)
+            + f". Fix: use one of them, or {name}@latest."
+        )
+    return root / version_dirname(version)
+
+
+def _parent_label(parent: Any) -> str | None:
+    if not isinstance(parent, dict):
+        return None
+    if parent.get("name") and parent.get("version") is not None:
+        return f"{parent['name']}@{version_dirname(int(parent['version']))}"
+    label = parent.get("name") or parent.get("source") or parent.get("path")
+    return str(label) if label else None
+
+
+def list_versions(model_dir: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """Rows describing each published version (name, version, created, metrics, parent), oldest first.
+
+    A version whose metadata.json is unreadable still gets a row, with the reason under ``problem``.
+    """
+    model_dir = Path(model_dir)
+    if name is not None:
+        resolve(model_dir, name)  # raises with the known names when there is no such model
+    names = [name] if name is not None else known_names(model_dir)
+    rows = []
+    for model in names:
+        root = model_dir / model
+        latest = _latest_version(root)
+        versions = _published(root)
+        for version in versions:
+            folder = root / version_dirname(version)
+            row: dict[str, Any] = {
+                "name": model,
+                "version": version,
+                "path": str(folder),
+                "latest": version == (latest or versions[-1]),
+                "created": None,
+                "metrics": {},
+                "parent": None,
+                "problem": None,
+            }
+            try:
+                metadata = read_json(folder / METADATA_FILE)
+            except ArtifactError as e:
+                row["problem"] = str(e)
+            else:
+                row["created"] = metadata.get("created")
+                row["metrics"] = dict(metadata.get("metrics") or {})
+                row["parent"] = _parent_label(metadata.get("parent"))
+            rows.append(row)
+    return rows

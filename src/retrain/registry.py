@@ -1,0 +1,91 @@
+"""Command line view of the model registry: ``python -m retrain.registry [--model-dir DIR] list|show``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from retrain.artifacts.metadata import read_json
+from retrain.artifacts.registry import METADATA_FILE, list_versions, resolve, version_dirname
+from retrain.errors import RetrainError
+
+# Shown first when present; other metrics follow alphabetically, up to MAX_METRIC_COLUMNS in all.
+PREFERRED_METRICS = ("test/acc", "val/acc", "val/f1", "val/loss")
+MAX_METRIC_COLUMNS = 4
+
+
+def default_model_dir() -> Path:
+    """The registry folder when none is given: $RETRAIN_MODEL_DIR, else ./models."""
+    return Path(os.environ.get("RETRAIN_MODEL_DIR") or "models")
+
+
+def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    present = {key for row in rows for key in row["metrics"]}
+    preferred = [key for key in PREFERRED_METRICS if key in present]
+    return (preferred + sorted(present - set(preferred)))[:MAX_METRIC_COLUMNS]
+
+
+def _format_metric(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def _table(name: str, rows: list[dict[str, Any]]) -> Table:
+    metrics = _metric_columns(rows)
+    table = Table(title=name, title_justify="left")
+    table.add_column("version", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    for key in metrics:
+        table.add_column(key, justify="right", no_wrap=True)
+    table.add_column("parent")
+    for row in rows:
+        version = version_dirname(row["version"]) + (" (latest)" if row["latest"] else "")
+        created = (row["created"] or "-").replace("T", " ")[:16]
+        values = [_format_metric(row["metrics"].get(key)) for key in metrics]
+        parent = row["parent"] or ("metadata unreadable" if row["problem"] else "-")
+        table.add_row(version, created, *values, parent)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """List the registry's versions or show one version's metadata; user errors print a message, exit 2."""
+    parser = argparse.ArgumentParser(prog="python -m retrain.registry", description=__doc__)
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="registry folder (default: $RETRAIN_MODEL_DIR or ./models)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    list_cmd = commands.add_parser("list", help="table of versions: date, metrics, parent")
+    list_cmd.add_argument("name", nargs="?", help="only this model's versions")
+    show_cmd = commands.add_parser("show", help="print one version's metadata.json")
+    show_cmd.add_argument("ref", help="name@v3, name@3, name@latest or name")
+    args = parser.parse_args(argv)
+    model_dir = args.model_dir or default_model_dir()
+    # Piped output is not squeezed into rich's default 80 columns; tables keep their natural width.
+    console = Console() if sys.stdout.isatty() else Console(width=250)
+    try:
+        if args.command == "list":
+            rows = list_versions(model_dir, args.name)
+            for name in dict.fromkeys(row["name"] for row in rows):
+                console.print(_table(name, [row for row in rows if row["name"] == name]))
+            if not rows:
+                console.print(f"No published models in {model_dir}.")
+        else:
+            metadata = read_json(resolve(model_dir, args.ref) / METADATA_FILE)
+            console.print_json(json.dumps(metadata))
+    except RetrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
