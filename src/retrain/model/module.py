@@ -87,8 +87,13 @@ class ClassifierModule(L.LightningModule):
         return self
 
     def on_train_epoch_start(self) -> None:
-        """Seed the RNGs from (seed, epoch) so shuffling and augmentation replay exactly after a resume."""
+        """Seed the RNGs from (seed, epoch) so shuffling and augmentation replay exactly after a resume.
+
+        Also re-apply the BN policy: Lightning restores per-module modes captured before sanity checking (all
+        train), so the frozen stages' BatchNorm must be put back in eval mode at every epoch start.
+        """
         seed_everything(self.seed + self.current_epoch, workers=True, verbose=False)
+        self.train()
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> torch.Tensor:
         images, labels = batch

@@ -24,7 +24,7 @@ from retrain.artifacts.formats import (
     save_weights_pth,
 )
 from retrain.artifacts.metadata import new_metadata, sha256_file, write_json
-from retrain.artifacts.sources import load_source
+from retrain.artifacts.sources import load_source, parent_record
 from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
 from retrain.data.demo import build_demo_dataset
 from retrain.data.validate import raise_for_bad_files, scan
@@ -71,17 +71,8 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
 
 
 def _parent(artifact: Artifact | None, source: str | None, how: str) -> dict[str, Any] | None:
-    if artifact is None:
-        return None
-    meta = artifact.metadata or {}
-    return {
-        "source": source,
-        "how": how,
-        "path": str(artifact.path) if artifact.path else None,
-        "sha256": artifact.sha256,
-        "name": meta.get("name"),
-        "version": meta.get("version"),
-    }
+    """Lineage: which file this run was initialised (`init_from`) or resumed from."""
+    return None if artifact is None else {**parent_record(str(source), artifact), "how": how}
 
 
 def _prepare_data(cfg: DictConfig, resumed: Artifact | None) -> Any:
