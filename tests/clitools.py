@@ -10,7 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 from PIL import Image
+
+from retrain.utils.hydra import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "fox")
@@ -102,3 +107,16 @@ def run_cli(
 def assert_ok(result: CliResult) -> None:
     """Fail with the CLI's own output when it did not exit 0."""
     assert result.returncode == 0, f"exit {result.returncode}\n{result.output[-6000:]}"
+
+
+def composed(tmp_path: Path, *overrides: str, config: str = "train") -> DictConfig:
+    """The real config with overrides, as Hydra would hand it to the task, writing under tmp_path."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config, overrides=[f"paths.root_dir={tmp_path}", *overrides], return_hydra_config=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg

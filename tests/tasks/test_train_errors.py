@@ -7,27 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from clitools import REPO, make_imagefolder
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from clitools import composed, make_imagefolder
 
 from retrain.errors import ArtifactError, ConfigError, DataError, RegistryError, UnsafePickleError
 from retrain.tasks.train import train
-from retrain.utils.hydra import register_resolvers
-
-
-def composed(tmp_path: Path, *overrides: str, config: str = "train") -> DictConfig:
-    """The real config with overrides, as Hydra would hand it to the task, writing under tmp_path."""
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config, overrides=[f"paths.root_dir={tmp_path}", *overrides], return_hydra_config=True)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(exist_ok=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,55 @@
+"""The composed config builds the objects the README promises (optimizers, schedulers, metrics, presets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from clitools import composed
+from hydra.utils import instantiate
+
+from retrain.model.module import ClassifierModule
+from retrain.model.resnet import build_resnet
+
+
+def _optimizer(cfg) -> tuple[torch.optim.Optimizer, object]:
+    module = ClassifierModule(
+        build_resnet("resnet18", 5),
+        list("abcde"),
+        optimizer=instantiate(cfg.model.optimizer),
+        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
+        lr=cfg.model.lr,
+    )
+    out = module.configure_optimizers()
+    return (out["optimizer"], out["lr_scheduler"]["scheduler"]) if isinstance(out, dict) else (out, None)
+
+
+def test_default_is_sgd_momentum_with_cosine_and_lr_from_model_lr(tmp_path: Path) -> None:
+    optimizer, scheduler = _optimizer(composed(tmp_path, "model.lr=0.05"))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert [g["name"] for g in optimizer.param_groups] == ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+    assert {g["lr"] for g in optimizer.param_groups} == {0.05}
+
+
+def test_adamw_and_step_are_config_choices(tmp_path: Path) -> None:
+    optimizer, scheduler = _optimizer(composed(tmp_path, "model/optimizer=adamw", "model/scheduler=step"))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
+    optimizer, scheduler = _optimizer(composed(tmp_path, "model/scheduler=none"))
+    assert scheduler is None
+
+
+def test_top5_accuracy_only_with_five_or_more_classes() -> None:
+    five = ClassifierModule(build_resnet("resnet18", 5), list("abcde"))
+    three = ClassifierModule(build_resnet("resnet18", 3), list("abc"))
+    assert "val/acc_top5" in five.val_metrics.keys(keep_base=False)
+    assert "val/acc_top5" not in three.val_metrics.keys(keep_base=False)
+    assert {"val/acc", "val/f1"} == set(three.val_metrics.keys(keep_base=False))
+
+
+def test_trainer_presets_compose(tmp_path: Path) -> None:
+    assert composed(tmp_path, "trainer=ddp_cpu").trainer.strategy == "ddp"
+    assert composed(tmp_path, "trainer=ddp_cpu").trainer.accelerator == "cpu"
+    assert composed(tmp_path, "trainer=gpu", "trainer.precision=bf16-mixed").trainer.precision == "bf16-mixed"
+    assert composed(tmp_path, "trainer=ddp").trainer.devices == 4
