@@ -33,9 +33,29 @@ class ImageListDataset(Dataset):
         return self.transform(self.load(path)), label
 
 
-def default_num_workers() -> int:
-    """Leave one core to the training process; on 2 cores that is one loader worker."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+def usable_cores() -> int:
+    """Cores this process may run on: the affinity mask, which containers and taskset narrow, else the count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def default_num_workers(processes: int = 1) -> int:
+    """Loader workers per training process: the cores shared out, one core per process left for training."""
+    return max(0, min(8, usable_cores() // max(1, processes) - 1))
+
+
+def decode_min_size(pre: dict[str, Any], augment: str, split: str) -> int:
+    """The shorter side, in pixels, that a split's transforms need from a decoded image (see open_rgb).
+
+    Eval: the resize target. Train: RandomResizedCrop's smallest crop must still cover the crop size. Its area
+    is at least MIN_CROP_SCALE of the image and its aspect ratio at most 4:3, so its shorter side is at least
+    sqrt(scale * 3/4) times the image's shorter side.
+    """
+    if split != "train" or augment == "none":
+        return int(pre["resize"])
+    return math.ceil(pre["crop"] / math.sqrt(MIN_CROP_SCALE[augment] * 3 / 4))
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -64,32 +84,45 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.eval_transform = eval_transforms(self.preprocessing)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        # None means "pick for the machine": workers from the cores (shared out among DDP processes once the
+        # trainer is known), pinned memory only when batches go to a CUDA device.
+        self.workers_requested = num_workers
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and self.num_workers > 0
-        self.prefetch_factor = prefetch_factor if self.num_workers > 0 else None
-        # JPEG draft decoding only needs the short side to cover the resize target (eval) or the smallest
-        # random crop at full resolution (train).
+        self.prefetch_factor = prefetch_factor
         self.fast_decode = fast_decode
 
     def dataset(self, split: str) -> ImageListDataset:
         """The dataset of one split, with train augmentation only for `train`."""
         transform = self.train_transform if split == "train" else self.eval_transform
-        min_size = None
-        if self.fast_decode:
-            scale = MIN_CROP_SCALE[self.augment] if split == "train" else 1.0
-            min_size = math.ceil(self.preprocessing["resize"] / math.sqrt(scale))
+        min_size = decode_min_size(self.preprocessing, self.augment, split) if self.fast_decode else None
         return ImageListDataset(self.splits.samples[split], transform, min_size)
 
+    def setup(self, stage: str) -> None:
+        """Share the cores out among the DDP processes of this node, unless the user set num_workers."""
+        trainer = self.trainer
+        if self.workers_requested is None and trainer is not None:
+            self.num_workers = default_num_workers(trainer.num_devices)
+
+    def _pin(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        workers = self.num_workers
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            prefetch_factor=self.prefetch_factor,
+            num_workers=workers,
+            pin_memory=self._pin(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -111,4 +144,3 @@ class ImageFolderDataModule(L.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         """The dataset facts and transforms recorded in every artifact."""
         return {**self.splits.summary(), "augment": self.augment}
-

@@ -63,6 +63,8 @@ class ClassifierModule(L.LightningModule):
         self.channels_last = channels_last
         self.metadata: dict[str, Any] = metadata or {}
         self.history: list[dict[str, float]] = []  # per-epoch val metrics, kept across resume
+        self._resume_epoch: int | None = None  # the epoch a checkpoint being restored continues with
+        self._seeded_epoch: int | None = None
         self.criterion = nn.CrossEntropyLoss()
         n = len(self.class_names)
         self.train_metrics = _metrics(n).clone(prefix="train/")
@@ -73,11 +75,13 @@ class ClassifierModule(L.LightningModule):
         if compile:
             self.model.compile()  # in place: the state_dict keeps plain torchvision keys (no `_orig_mod.`)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of normalized images."""
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of normalized images, or of pooled backbone features (the feature cache's batches)."""
+        if inputs.ndim == 2:  # (batch, fc.in_features): the backbone ran once, when the cache was built
+            return self.model.get_submodule("fc")(inputs)
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return self.model(inputs)
 
     def train(self, mode: bool = True) -> ClassifierModule:
         """Enter train mode but keep BatchNorm of frozen stages in eval mode (unless `train_bn`)."""
@@ -86,14 +90,28 @@ class ClassifierModule(L.LightningModule):
             set_bn_mode(self.model, self.frozen, self.train_bn)
         return self
 
+    def on_fit_start(self) -> None:
+        """Seed this fit's first epoch and apply the BN policy now, before Lightning creates the epoch's data iterator
+        (and before sanity checking captures module modes); a run resumed mid-epoch gets no on_train_epoch_start."""
+        epoch, self._resume_epoch = self._resume_epoch or 0, None
+        self._seed_epoch(epoch)
+        self.train()
+
     def on_train_epoch_start(self) -> None:
         """Seed the RNGs from (seed, epoch) so shuffling and augmentation replay exactly after a resume.
 
         Also re-apply the BN policy: Lightning restores per-module modes captured before sanity checking (all
         train), so the frozen stages' BatchNorm must be put back in eval mode at every epoch start.
         """
-        seed_everything(self.seed + self.current_epoch, workers=True, verbose=False)
+        if self.current_epoch != self._seeded_epoch:
+            self._seed_epoch(self.current_epoch)
         self.train()
+
+    def _seed_epoch(self, epoch: int) -> None:
+        # Every epoch's iterator then starts from the same RNG state, whether the epoch follows another
+        # one in this process or is the first after a resume.
+        seed_everything(self.seed + epoch, workers=True, verbose=False)
+        self._seeded_epoch = epoch
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> torch.Tensor:
         images, labels = batch
@@ -126,7 +144,7 @@ class ClassifierModule(L.LightningModule):
         """Remember this epoch's validation metrics for results.json and the report."""
         if self.trainer.sanity_checking:
             return
-        row = {"epoch": self.current_epoch}
+        row: dict[str, float] = {"epoch": self.current_epoch}
         row.update({k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
         self.history.append(row)
 
@@ -151,5 +169,14 @@ class ClassifierModule(L.LightningModule):
         checkpoint["retrain"] = meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the metric history on resume."""
+        """Restore the metric history on resume, and note which epoch the run continues with."""
         self.history = list(checkpoint.get("retrain", {}).get("history", []))
+        self._resume_epoch = _epoch_to_resume(checkpoint)
+
+
+def _epoch_to_resume(checkpoint: dict[str, Any]) -> int:
+    """The epoch Lightning continues with: the fit loop's processed epochs (its current_epoch after restore)."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):  # a checkpoint without loop state restarts the epoch count
+        return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from retrain.artifacts import registry
@@ -26,12 +26,21 @@ from retrain.artifacts.formats import (
 from retrain.artifacts.metadata import new_metadata, sha256_file, write_json
 from retrain.artifacts.sources import load_source, parent_record
 from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
+from retrain.callbacks.preemption import exit_preempted
+from retrain.callbacks.report import finish_report
+from retrain.callbacks.unfreeze import ProgressiveUnfreeze
 from retrain.data.demo import build_demo_dataset
-from retrain.data.validate import raise_for_bad_files, scan
-from retrain.errors import ConfigError
+from retrain.data.images import IMAGE_PROBLEM_KINDS
+from retrain.data.validate import ERROR_KINDS, ValidationReport, raise_for_bad_files, scan
+from retrain.errors import ConfigError, DataError
+from retrain.export.metadata import deploy_info
+from retrain.export.prune import make_permanent, prune_from_config
+from retrain.export.qat import finish_qat, start_qat
+from retrain.model.feature_cache import feature_cache_for
 from retrain.model.module import ClassifierModule
 from retrain.model.resnet import build_resnet
 from retrain.model.surgery import apply_freeze, load_weights, parse_freeze
+from retrain.reporting.tracking import log_run_facts
 from retrain.tasks.common import (
     find_splits,
     make_callbacks,
@@ -40,7 +49,9 @@ from retrain.tasks.common import (
     plain,
     single_device_trainer,
 )
-from retrain.utils.hydra import is_multirun, output_dir
+from retrain.tuning import find_lr, lr_set_by_user
+from retrain.utils import console
+from retrain.utils.hydra import output_dir
 from retrain.utils.ranks import is_rank_zero
 
 log = logging.getLogger("retrain")
@@ -83,6 +94,7 @@ def _prepare_data(cfg: DictConfig, resumed: Artifact | None) -> Any:
     bad: list[str] = []
     if cfg.data.validate != "off":
         report = scan(Path(cfg.data.root), mode=cfg.data.validate)
+        _raise_for_structure(report)
         bad = [str(p) for p in report.bad_files()]
         if bad and cfg.data.on_bad_file == "error":
             raise_for_bad_files(report)
@@ -90,6 +102,18 @@ def _prepare_data(cfg: DictConfig, resumed: Artifact | None) -> Any:
             log.warning("skipping %d bad files (data.on_bad_file=skip); listed in bad_files.txt", len(bad))
             splits = splits.without({os.path.abspath(p) for p in bad})
     return splits, bad
+
+
+def _raise_for_structure(report: ValidationReport) -> None:
+    """Stop on a missing or empty class or split under either policy: skipping files cannot fix those."""
+    problems = [p for p in report.problems if p.kind in ERROR_KINDS and p.kind not in IMAGE_PROBLEM_KINDS]
+    if problems:
+        listed = "; ".join(f"{p.path}: {p.detail}" for p in problems[:10])
+        raise DataError(
+            f"{report.root} has {len(problems)} class or split problems that data.on_bad_file cannot skip: "
+            f"{listed}. Expected the same non-empty class folders in every split. Fix: add images to the empty "
+            f"classes or remove them from every split; `python -m retrain.data.validate {report.root}` lists all."
+        )
 
 
 def _version_for_this_run(cfg: DictConfig) -> registry.Reservation | None:
@@ -100,15 +124,21 @@ def _version_for_this_run(cfg: DictConfig) -> registry.Reservation | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test and publish one model; returns what results.json holds."""
+    console.filter_known_warnings()
+    console.send_library_logs_to_run_log()
+    if cfg.extras.print_config:
+        console.print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    if is_multirun():
-        # DDP re-launches this script per rank; give the ranks this job's overrides, not the whole sweep.
-        sys.argv = [sys.argv[0], *HydraConfig.get().overrides.task]
-    run_dir = output_dir()
+    run_dir = output_dir()  # in a sweep, run_task has pointed DDP's re-launched ranks at this job (sweep_job)
     resume_path = resolve_resume(cfg)
     resumed = read_artifact(resume_path, allow_pickle=cfg.model.allow_pickle) if resume_path else None
     splits, bad_files = _prepare_data(cfg, resumed)
     datamodule = make_datamodule(splits, cfg.data)
+    if cfg.trainer.get("deterministic") and datamodule.persistent_workers:
+        # A persistent worker keeps one RNG stream across epochs, so after a resume it would augment differently;
+        # workers started per epoch are seeded from that epoch's seed, which makes resume exact.
+        log.info("trainer.deterministic: loader workers restart every epoch (persistent_workers=false)")
+        datamodule.persistent_workers = False
     classes = splits.class_names
 
     net = build_resnet(cfg.model.arch, len(classes))
@@ -125,8 +155,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         head_note = load_weights(net, artifact.state_dict, source=str(source))
         if head_note:
             log.info(head_note)
+    callbacks = console.without_disabled_progress_bar(make_callbacks(cfg), cfg.trainer.enable_progress_bar)
+    unfreeze = next((cb for cb in callbacks if isinstance(cb, ProgressiveUnfreeze)), None)
     frozen = parse_freeze(cfg.model.freeze)
+    if unfreeze is not None:  # the schedule's epoch 0 decides what starts frozen
+        frozen = unfreeze.initial_frozen(frozen)
     apply_freeze(net, frozen, train_bn=cfg.model.train_bn)
+    pruning = prune_from_config(net, cfg.model.prune.amount, cfg.model.prune.method)  # None: no pruning
+    qat = cfg.get("qat")  # set by experiment=qat
+    if qat is not None:
+        net = start_qat(net, cfg, frozen=frozen, image_size=datamodule.preprocessing["crop"], resuming=resumed is not None)
+    if resumed is not None and pruning is None and qat is None:  # those two change the model's keys
+        # Lightning's strict load would fail only later, with a raw traceback; this names the keys that differ.
+        load_weights(net, resumed.state_dict, source=str(resume_path), replace_head=False)
 
     reservation = _version_for_this_run(cfg)
     version = reservation.version if reservation else 0
@@ -153,6 +194,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         freeze=frozen,
         train_bn=cfg.model.train_bn,
     )
+    if pruning:
+        metadata["prune"] = pruning
+    if qat is not None:
+        metadata["quantization"] = "qat"
     module = ClassifierModule(
         net,
         classes,
@@ -168,15 +213,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         compile=cfg.model.compile,
         metadata=metadata,
     )
-    callbacks = make_callbacks(cfg)
     checkpoints = [cb for cb in callbacks if isinstance(cb, VersionedCheckpoint)]
     for cb in checkpoints:
         cb.stamp(str(cfg.name), version)
+    cache, cache_blockers = feature_cache_for(
+        cfg.model,
+        frozen=frozen,
+        augment=datamodule.augment,
+        unfreezes_later=bool(unfreeze and unfreeze.unfreezes_later()),
+        directory=run_dir / "feature_cache",
+    )
+    data: L.LightningDataModule = datamodule if cache is None else cache.wrap(datamodule)
+    if cache is not None:
+        callbacks.append(cache)
+    lr_find = None
+    if cfg.tune.lr_find:
+        lr_find = find_lr(
+            module,
+            data,
+            tune=cfg.tune,
+            trainer_cfg=cfg.trainer,
+            run_dir=run_dir,
+            user_lr=lr_set_by_user(HydraConfig.get().overrides.task),
+            resuming=resume_path is not None,
+        )
     loggers = make_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
-    for lg in loggers:
-        lg.log_hyperparams(metadata["config"])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    log_run_facts(loggers, metadata)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume_path)
+    except SIGTERMException:  # preempted: PreemptionCheckpoint saved last.ckpt; publish nothing
+        exit_preempted(trainer, callbacks, run_dir, str(cfg.name))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # test and publish run in rank 0 alone
     if not trainer.is_global_zero:
@@ -186,16 +253,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best_path = Path(best.best_model_path) if best else None
     if best_path:  # test and publish the best weights, not the last ones
         module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
+    if pruning:  # fold the masks in: what is tested and published is a plain ResNet with zeros
+        pruning["sparsity"] = make_permanent(module.model)
     test_metrics: dict[str, float] = {}
     if cfg.test:
-        out = single_device_trainer(cfg.trainer, loggers).test(module, datamodule=datamodule, verbose=False)
+        out = single_device_trainer(cfg.trainer, loggers).test(module, datamodule=data, verbose=False)
         test_metrics = {k: float(v) for k, v in out[0].items()} if out else {}
 
     results = _results(cfg, module, trainer, best, test_metrics, run_dir, bad_files)
+    results["unfreeze"] = unfreeze.summary() if unfreeze else None
+    results["feature_cache"] = cache.summary() if cache else {"enabled": False, "blocked_by": cache_blockers}
+    results["lr_find"] = lr_find
+    results["report"] = finish_report(callbacks, test_metrics)
+    results["prune"] = pruning
+    if qat is not None:
+        info = deploy_info(module.metadata, f"{cfg.name}@{registry.version_dirname(version)}")
+        results["qat"] = finish_qat(module.model, info, run_dir / "exports", datamodule.val_dataloader(), qat)
     if reservation is not None:
         results["registry"] = _publish(cfg, reservation, module, best_path, results)
     write_json(run_dir / "results.json", results)
-    _print_summary(results, run_dir)
+    console.print_summary(results, cfg)
     return results
 
 
@@ -262,21 +339,13 @@ def _publish(
             save_full_model(module.model, staging / "model_full.pt")
         write_json(staging / "metadata.json", meta)
         write_json(staging / "results.json", results)
+        if results.get("report"):
+            shutil.copytree(results["report"], staging / "report")
+        if results.get("qat"):
+            shutil.copytree(results["qat"]["out_dir"], staging / "exports")
         final = registry.publish(reservation)
     except BaseException:
         registry.abandon(reservation)
         raise
     return {"name": reservation.name, "version": reservation.version, "path": str(final)}
 
-
-def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
-    lines = [
-        f"run dir:         {run_dir}",
-        f"best checkpoint: {results['best_checkpoint']}",
-        f"metrics:         {run_dir / 'csv' / 'metrics.csv'}",
-        f"results:         {run_dir / 'results.json'}",
-        f"best {results['monitor']}: {results['monitor_value']}   test: {results['test']}",
-    ]
-    if results.get("registry"):
-        lines.append(f"published:       {results['registry']['path']}")
-    log.info("\n".join(lines))

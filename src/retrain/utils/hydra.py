@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -9,15 +10,17 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from retrain.errors import RetrainError
+from retrain.sweeps import study_storage
+from retrain.utils.cli import check_types
 
 log = logging.getLogger("retrain")
 
@@ -34,6 +37,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
     if not OmegaConf.has_resolver("abspath"):
         OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(os.path.expanduser(path)))
+    if not OmegaConf.has_resolver("study_storage"):  # conf/hparams_search/optuna.yaml
+        OmegaConf.register_new_resolver("study_storage", study_storage)
 
 
 def output_dir() -> Path:
@@ -59,21 +64,50 @@ def run_task(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     """Run a task; print user mistakes as one paragraph (full trace with HYDRA_FULL_ERROR=1).
 
     In a multirun a failed job is recorded and the sweep goes on (unless `sweep.fail_fast=true`); the return value
-    is the monitored metric, which sweepers such as Optuna optimize (NaN marks a failed trial).
+    is the monitored metric, which sweepers such as Optuna optimize. None marks a failed trial: Optuna's sweeper
+    records it as failed and goes on, while a NaN would make the sweeper itself crash.
     """
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     fail_fast = bool(OmegaConf.select(cfg, "sweep.fail_fast", default=False))
     try:
-        results = task(cfg)
+        check_types(cfg)  # a wrong type fails here, before the task reads any data
+        with sweep_job():
+            results = task(cfg)
     except Exception as error:
         if HydraConfig.initialized():
             write_failure(error)
-        if is_multirun() and not fail_fast:
+        if is_multirun():
+            if fail_fast:
+                raise  # Hydra marks the job failed, and the sweeper (with SweepSummary's help) stops the sweep
             log.exception("job failed; the sweep goes on (sweep.fail_fast=true stops it)")
-            return math.nan
+            return None
         if full_error or not isinstance(error, RetrainError):
             raise
         print(f"\nerror: {error}\n(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
         sys.exit(1)
     value = results.get("monitor_value")
-    return None if value is None else float(value)
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+@contextlib.contextmanager
+def sweep_job() -> Iterator[None]:
+    """In a multirun, point DDP's re-launched ranks at this job, and keep the job from leaking into the next."""
+    if not is_multirun():
+        yield
+        return
+    argv, environ = list(sys.argv), dict(os.environ)
+    hydra_cfg = HydraConfig.get()
+    # Lightning's DDP re-runs sys.argv for the other ranks with `hydra.run.dir=<HydraConfig run.dir>` appended:
+    # give them this job's overrides (not the whole sweep) and this job's folder (not an unused single-run one).
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(cast(DictConfig, hydra_cfg.run)):  # HydraConfig is read-only
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        # The DDP launcher leaves LOCAL_RANK, WORLD_SIZE, MASTER_PORT... in os.environ; the next job would take
+        # them for an external launcher's and wait forever for ranks that are never started.
+        sys.argv = argv
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)

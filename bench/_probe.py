@@ -1,0 +1,61 @@
+"""A callback that times the training steps of a real `train.py` run, for bench/train_throughput.py.
+
+Added from the command line, so the run is otherwise the user's own:
+`+callbacks.probe._target_=_probe.ThroughputProbe +callbacks.probe.out=FILE +callbacks.probe.warmup=1`
+(with bench/ on PYTHONPATH). The clock starts when batch `warmup` begins, after its loading, and stops when the
+last batch ends, as in baseline.plain_loop, so both windows hold the same work: steps, loading, our logging.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from _machine import peak_rss_mib
+
+
+class ThroughputProbe(L.Callback):
+    """Writes images/s, images, seconds, peak RSS, loader workers and precision to `out` when training ends."""
+
+    def __init__(self, out: str, warmup: int = 1) -> None:
+        self.out = Path(out)
+        self.warmup = warmup
+        self.start: float | None = None
+        self.end = 0.0
+        self.images = 0
+        self.peak = 0.0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Start the clock at the first timed batch."""
+        if batch_idx == self.warmup and self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Count the images of every timed batch; the last one stops the clock."""
+        if self.start is not None:
+            self.end = time.perf_counter()
+            self.images += len(batch[1])
+            self.peak = peak_rss_mib()  # before validation, which the plain loop does not run
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the figures for the parent process."""
+        if self.start is None:
+            raise RuntimeError(f"ThroughputProbe: training ended before batch {self.warmup}; raise limit_train_batches")
+        seconds = self.end - self.start
+        loader = trainer.train_dataloader
+        figures = {
+            "images_per_s": self.images / seconds,
+            "images": self.images,
+            "seconds": seconds,
+            "peak_rss_mib": self.peak,
+            "workers": getattr(loader, "num_workers", None),
+            "precision": str(trainer.precision),
+        }
+        self.out.write_text(json.dumps(figures))

@@ -1,0 +1,67 @@
+"""Images to predict on: a file, a folder (recursive) or a glob, read so that one bad image never stops a run."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from retrain.data.images import check_image, has_image_extension, open_rgb
+from retrain.data.transforms import eval_transforms
+from retrain.errors import DataError
+
+
+def find_images(spec: str) -> list[Path]:
+    """Expand PATH: an image file, every image under a folder (recursive), or every file a glob matches."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = [
+            Path(folder, name)
+            for folder, dirs, names in os.walk(path, followlinks=True)
+            for name in names
+            if not name.startswith(".") and has_image_extension(name)
+        ]
+        if not found:
+            raise DataError(
+                f"input={spec} is a folder with no images in it or below it. Expected image files ("
+                "jpg, png, ...). Fix: point input= to a folder of images, an image, or a glob like 'DIR/*.jpg'."
+            )
+        return sorted(found)
+    if glob.has_magic(spec):
+        # A glob names files explicitly, so a matched non-image becomes an error row rather than vanishing.
+        matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
+        if matches:
+            return matches
+        raise DataError(f"input={spec} matched no files. Fix: check the pattern (quote it so the shell keeps it).")
+    raise DataError(
+        f"input={spec} does not exist. Expected an image file, a folder of images or a glob such as "
+        "'photos/**/*.jpg'. Fix: correct the path."
+    )
+
+
+class PredictImages(Dataset):
+    """(image tensor, error) per path; an unreadable image gives a blank tensor and says what is wrong with it."""
+
+    def __init__(self, paths: list[Path], preprocessing: dict[str, Any], fast_decode: bool = True) -> None:
+        self.paths = paths
+        self.transform = eval_transforms(preprocessing)
+        self.size = int(preprocessing["crop"])
+        self.min_size = int(preprocessing["resize"]) if fast_decode else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        path = self.paths[index]
+        try:
+            return self.transform(open_rgb(path, self.min_size)), ""
+        except Exception as e:  # any decode failure belongs in this image's row, not in a traceback
+            problem = check_image(path, full=True)
+            detail = f"{problem[0]}: {problem[1]}" if problem else f"{type(e).__name__}: {e}"
+            return torch.zeros(3, self.size, self.size), detail

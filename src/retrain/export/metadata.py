@@ -1,0 +1,70 @@
+"""What every exported file carries so it can be used without retrain: class names and preprocessing.
+
+The same facts are written three ways: inside the file where its format allows (ONNX metadata_props,
+TorchScript and torch.export extra files, AOTInductor package metadata, all string to string), and once as
+`preprocessing.json` beside the files, which any language can read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from retrain.artifacts.metadata import write_json
+from retrain.errors import ArtifactError
+
+SIDECAR = "preprocessing.json"
+EXTRA_FILE = "retrain.json"  # the name inside TorchScript and torch.export archives
+INFO_KEYS = ("class_names", "preprocessing", "input", "input_layout", "output", "arch", "name", "version", "source")
+# The int8 package runs compiled code that assumes this exact memory layout and does not check it.
+INPUT_LAYOUT = (
+    "float32 (N, 3, crop, crop), C-contiguous; RGB scaled to [0, 1], then (x - mean) / std; "
+    "resize the shorter side to `resize` (bilinear), then center-crop `crop`"
+)
+_REQUIRED = ("class_names", "preprocessing")
+
+
+def deploy_info(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    """The facts an exported model needs at inference time, taken from its artifact's metadata."""
+    return {
+        "class_names": list(meta["class_names"]),
+        "preprocessing": dict(meta["preprocessing"]),
+        "input": "images",
+        "input_layout": INPUT_LAYOUT,
+        "output": "logits",
+        "arch": meta.get("arch"),
+        "name": meta.get("name"),
+        "version": meta.get("version"),
+        "source": source,
+    }
+
+
+def to_props(info: dict[str, Any]) -> dict[str, str]:
+    """Flatten to the string-to-string form of ONNX metadata_props and AOTInductor package metadata (JSON values)."""
+    return {key: json.dumps(info[key]) for key in INFO_KEYS if key in info}
+
+
+def from_props(props: dict[str, str], path: Path) -> dict[str, Any]:
+    """Read back what `to_props` wrote; a file exported elsewhere is an ArtifactError that says what is missing."""
+    missing = [key for key in _REQUIRED if key not in props]
+    if missing:
+        raise ArtifactError(
+            f"{path} carries no {' or '.join(missing)} in its metadata, so its classes and preprocessing are "
+            "unknown. Expected a model exported by `python export.py`. Fix: export it again with retrain, or "
+            "use the checkpoint it was made from."
+        )
+    try:
+        return {key: json.loads(props[key]) for key in INFO_KEYS if key in props}
+    except json.JSONDecodeError as e:
+        raise ArtifactError(
+            f"{path} has damaged retrain metadata ({e.msg}). Expected the JSON values `python export.py` writes. "
+            "Fix: export it again from its checkpoint."
+        ) from None
+
+
+def write_sidecar(folder: Path, info: dict[str, Any]) -> Path:
+    """Write preprocessing.json beside the exported files."""
+    path = Path(folder) / SIDECAR
+    write_json(path, info)
+    return path

@@ -1,0 +1,281 @@
+"""Sweep summaries: one row per job of a `-m` run, the best job marked, rebuilt from the job dirs' results.json.
+
+`SweepSummary` (a Hydra callback, see conf/hydra/default.yaml) writes sweep_summary.csv and sweep_summary.md
+after every job and at the end of the sweep; `python -m retrain.sweeps summarize DIR` rebuilds them.
+`study_storage` is the `${study_storage:...}` resolver that lets an Optuna search continue an earlier study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from retrain.errors import ConfigError, RetrainError
+
+log = logging.getLogger("retrain")
+
+SUMMARY_CSV = "sweep_summary.csv"
+SUMMARY_MD = "sweep_summary.md"
+STUDY_FILE = "optuna.db"
+COLUMNS = ("job", "status", "best", "monitor", "value", "best_epoch", "overrides", "run_dir", "error")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one job of a sweep left behind; status is ok, failed, or missing (no results.json yet)."""
+
+    num: int
+    status: str
+    overrides: tuple[str, ...]
+    run_dir: Path
+    monitor: str | None = None
+    mode: str | None = None
+    value: float | None = None
+    best_epoch: int | None = None
+    error: str | None = None
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The numbered job folders of a sweep, in job order (10 after 9)."""
+    return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def read_job(job_dir: Path) -> Job:
+    """One job's row from its results.json and .hydra/overrides.yaml."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    overrides = tuple(str(o) for o in OmegaConf.load(overrides_file)) if overrides_file.is_file() else ()
+    results_file = job_dir / "results.json"
+    if not results_file.is_file():
+        return Job(int(job_dir.name), "missing", overrides, job_dir, error="no results.json (killed or running)")
+    results = json.loads(results_file.read_text())
+    value = results.get("monitor_value")
+    return Job(
+        num=int(job_dir.name),
+        status=str(results.get("status", "ok")),
+        overrides=overrides,
+        run_dir=job_dir,
+        monitor=results.get("monitor"),
+        mode=results.get("monitor_mode"),
+        value=None if value is None else float(value),
+        best_epoch=results.get("best_epoch"),
+        error=results.get("error"),
+    )
+
+
+def best_job(jobs: list[Job]) -> Job | None:
+    """The ok job with the best finite monitored value (monitor_mode decides max or min); ties go to the first."""
+    scored = [job for job in jobs if job.status == "ok" and job.value is not None and math.isfinite(job.value)]
+    if not scored:
+        return None
+    if (scored[0].mode or "max") == "min":
+        return min(scored, key=lambda job: job.value or 0.0)
+    return max(scored, key=lambda job: job.value or 0.0)
+
+
+def swept_overrides(jobs: list[Job]) -> dict[int, tuple[str, ...]]:
+    """Each job's overrides without those every job shares (data.root=...), so the table shows what was swept."""
+    if len(jobs) < 2:
+        return {job.num: job.overrides for job in jobs}
+    shared = set.intersection(*(set(job.overrides) for job in jobs))
+    return {job.num: tuple(o for o in job.overrides if o not in shared) or job.overrides for job in jobs}
+
+
+def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
+    """Write sweep_summary.csv and sweep_summary.md from the job dirs; returns their paths."""
+    sweep_dir = Path(sweep_dir)
+    jobs = [read_job(d) for d in job_dirs(sweep_dir)] if sweep_dir.is_dir() else []
+    if not jobs:
+        raise ConfigError(
+            f"{sweep_dir} holds no numbered job folders (0/, 1/, ...). Expected the sweep dir that "
+            "`python train.py -m ...` printed, e.g. logs/train/multiruns/<name>/<time>. "
+            "Fix: pass that folder to `python -m retrain.sweeps summarize`."
+        )
+    best = best_job(jobs)
+    shown = swept_overrides(jobs)
+    csv_path, md_path = sweep_dir / SUMMARY_CSV, sweep_dir / SUMMARY_MD
+    _write_atomic(csv_path, _csv_text(jobs, best, shown))
+    _write_atomic(md_path, _markdown(sweep_dir, jobs, best, shown))
+    return csv_path, md_path
+
+
+def _csv_text(jobs: list[Job], best: Job | None, shown: dict[int, tuple[str, ...]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(COLUMNS)
+    for job in jobs:
+        writer.writerow(
+            [
+                job.num,
+                job.status,
+                "true" if job is best else "false",
+                job.monitor or "",
+                "" if job.value is None else repr(job.value),
+                "" if job.best_epoch is None else job.best_epoch,
+                " ".join(shown[job.num]),
+                str(job.run_dir),
+                job.error or "",
+            ]
+        )
+    return out.getvalue()
+
+
+def _markdown(sweep_dir: Path, jobs: list[Job], best: Job | None, shown: dict[int, tuple[str, ...]]) -> str:
+    monitor = next((job.monitor for job in jobs if job.monitor), "monitor")
+    counts = ", ".join(f"{sum(j.status == s for j in jobs)} {s}" for s in dict.fromkeys(j.status for j in jobs))
+    verdict = f"best: job {best.num} ({monitor} = {best.value:.4f}, {best.mode})" if best else "no successful job"
+    lines = [
+        "# Sweep summary",
+        "",
+        f"`{sweep_dir}`: {len(jobs)} jobs ({counts}); {verdict}.",
+        "",
+        f"| job | status | {monitor} | best epoch | overrides | run dir | error |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for job in jobs:
+        cells = [
+            f"**{job.num} (best)**" if job is best else str(job.num),
+            job.status,
+            "" if job.value is None else f"{job.value:.4f}",
+            "" if job.best_epoch is None else str(job.best_epoch),
+            " ".join(f"`{o}`" for o in shown[job.num]),
+            job.run_dir.name,
+            (job.error or "")[:160],
+        ]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Parallel jobs (submitit) rewrite the summary as each one ends: a reader never sees half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def study_storage(resume: Any, sweep_dir: str) -> str:
+    """The Optuna storage URL: a new optuna.db in this sweep dir, or an earlier study's when resuming.
+
+    resume false -> `<sweep dir>/optuna.db`; true -> the newest optuna.db among the sibling sweep dirs (the earlier
+    searches of this run name); a path -> that optuna.db, or the one in that sweep dir.
+    """
+    here = Path(sweep_dir)
+    if resume is None or resume is False:
+        here.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+        return f"sqlite:///{here / STUDY_FILE}"
+    if resume is True:
+        earlier = sorted(p for p in here.parent.glob(f"*/{STUDY_FILE}") if p.parent != here)
+        if not earlier:
+            raise ConfigError(
+                f"hparams_search.resume=true found no {STUDY_FILE} under {here.parent}/*/. Expected an earlier "
+                "`python train.py -m hparams_search=optuna` run with the same name. Fix: run once without "
+                "hparams_search.resume, or pass hparams_search.resume=/path/to/optuna.db."
+            )
+        return f"sqlite:///{earlier[-1]}"
+    path = Path(str(resume)).expanduser().resolve()
+    study = path / STUDY_FILE if path.is_dir() else path
+    if not study.is_file():
+        raise ConfigError(
+            f"hparams_search.resume={resume}: {study} does not exist. Expected an Optuna study file written by an "
+            f"earlier search (<sweep dir>/{STUDY_FILE}) or its sweep dir. Fix: pass an existing path, or "
+            "hparams_search.resume=true for the newest study of this run name."
+        )
+    return f"sqlite:///{study}"
+
+
+class SweepSummary(Callback):
+    """Keeps sweep_summary.csv/.md of a multirun current, and stops the basic sweeper on `sweep.fail_fast=true`.
+
+    Configured in conf/hydra/default.yaml (`hydra.callbacks`); single runs and DDP's re-launched ranks skip it.
+    Hydra turns an exception from a callback into a warning and goes on, so stopping is a SystemExit.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Resolve the sweeper's settings first, so a bad `hparams_search.resume` is one paragraph, not a trace."""
+        try:
+            OmegaConf.to_container(config.hydra.sweeper, resolve=True)
+        except InterpolationResolutionError as error:
+            mistake = _retrain_error_behind(error)  # what our resolver (study_storage) raised
+            if mistake is None:
+                raise
+            print(f"\nerror: {mistake}", file=sys.stderr)
+            sys.exit(1)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """Rewrite the summary after each job, so a long or stopped sweep still has one."""
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        _, md_path = write_summary(Path(config.hydra.sweep.dir))
+        fail_fast = OmegaConf.select(config, "sweep.fail_fast", default=False)
+        if job_return.status == JobStatus.FAILED and fail_fast and _basic_sweeper(config):
+            # The basic sweeper runs the rest of its batch (every job, by default) before it looks at failures.
+            # Other sweepers (Optuna) must see the failure themselves, so they can record the trial as failed.
+            error = read_job(Path(config.hydra.runtime.output_dir)).error
+            print(
+                f"\nerror: job {config.hydra.job.num} failed and sweep.fail_fast=true stopped the sweep: {error}. "
+                f"The jobs so far are in {md_path}. Fix: correct that job's overrides, or drop "
+                "sweep.fail_fast to record failed jobs and go on.",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Write the final summary and say which job was best."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir() or not job_dirs(sweep_dir):
+            return
+        _, md_path = write_summary(sweep_dir)
+        jobs = [read_job(d) for d in job_dirs(sweep_dir)]
+        best = best_job(jobs)
+        failed = sum(job.status != "ok" for job in jobs)
+        best_text = f"best job {best.num}: {best.monitor}={best.value:.4f}" if best else "no job succeeded"
+        log.info("sweep summary: %s (%d jobs, %d failed; %s)", md_path, len(jobs), failed, best_text)
+
+
+def _retrain_error_behind(error: BaseException) -> RetrainError | None:
+    # OmegaConf re-raises a resolver's exception wrapped, once or twice, as the context of its own.
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, RetrainError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
+def _basic_sweeper(config: DictConfig) -> bool:
+    return str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m retrain.sweeps summarize DIR`: rebuild a sweep's summary from its job dirs."""
+    parser = argparse.ArgumentParser(prog="python -m retrain.sweeps", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    summarize = commands.add_parser("summarize", help="write sweep_summary.csv and .md in DIR")
+    summarize.add_argument(
+        "sweep_dir", type=Path, metavar="DIR", help="a sweep dir: logs/train/multiruns/<name>/<time>"
+    )
+    args = parser.parse_args(argv)
+    try:
+        csv_path, md_path = write_summary(args.sweep_dir)
+    except RetrainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(md_path.read_text(), end="")
+    print(f"\nwrote {csv_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

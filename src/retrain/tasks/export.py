@@ -1,0 +1,161 @@
+"""Export: one artifact -> TorchScript, torch.export, ONNX and int8 files, each verified and measured on real images."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from retrain.artifacts import registry
+from retrain.artifacts.metadata import write_json
+from retrain.data.datamodule import ImageListDataset, default_num_workers
+from retrain.data.splits import DataSplits, Sample
+from retrain.data.transforms import eval_transforms
+from retrain.errors import ArtifactError, ConfigError, DataError, RegistryError
+from retrain.export.metadata import deploy_info, to_props, write_sidecar
+from retrain.export.onnx import export_onnx
+from retrain.export.program import export_program
+from retrain.export.quantize import quantize_ptq, save_int8
+from retrain.export.report import REPORT_FILE, Targets, build_report, table
+from retrain.export.runtimes import FILE_NAMES
+from retrain.export.torchscript import export_torchscript
+from retrain.tasks.common import find_splits
+from retrain.tasks.eval import load_classifier
+from retrain.utils.hydra import output_dir
+
+log = logging.getLogger("retrain")
+
+FORMATS = tuple(FILE_NAMES)
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Write the requested formats, verify and time each through its own runtime, and write export_report.json."""
+    formats = _formats(cfg.formats)
+    source = str(cfg.ckpt_path)
+    model_dir = Path(cfg.paths.model_dir)
+    module, meta = load_classifier(source, model_dir=model_dir, allow_pickle=cfg.allow_pickle)
+    model = module.model.eval()
+    info = deploy_info(meta, source)
+    props = to_props(info)
+    pre = meta["preprocessing"]
+    splits = _splits(cfg, meta)
+    out_dir = _out_dir(cfg, source, model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Batch 2: torch.export specializes sizes 0 and 1, which would fix the batch axis.
+    example = torch.randn(2, 3, int(pre["crop"]), int(pre["crop"]), generator=torch.Generator().manual_seed(cfg.seed))
+
+    files: dict[str, Path] = {}
+    for fmt in formats:
+        path = out_dir / FILE_NAMES[fmt]
+        log.info("exporting %s -> %s", fmt, path)
+        if fmt == "torchscript":
+            export_torchscript(model, example, path, props)
+        elif fmt == "export":
+            export_program(model, example, path, props)
+        elif fmt == "onnx":
+            export_onnx(model, example, path, props, opset=int(cfg.export.onnx_opset))
+        else:
+            calibration = _images(_loader(cfg, _subset(splits, "train", cfg.export.calib_images, cfg.seed), pre))
+            save_int8(quantize_ptq(model, calibration, example), example, path, props)
+        files[fmt] = path
+    sidecar = write_sidecar(out_dir, info)
+
+    val = _loader(cfg, _subset(splits, "val", cfg.export.val_images, cfg.seed), pre)
+    targets = Targets(**OmegaConf.to_container(cfg.export.targets))  # type: ignore[arg-type]
+    report = build_report(
+        model, info, files, val, warmup=cfg.export.bench.warmup, runs=cfg.export.bench.runs, targets=targets
+    )
+    report.update({"source": source, "out_dir": str(out_dir), "preprocessing_file": str(sidecar)})
+    write_json(out_dir / REPORT_FILE, report)
+    results = {"status": "ok", **report, "report_file": str(out_dir / REPORT_FILE)}
+    write_json(output_dir() / "results.json", results)
+    print(f"\n{table(report)}\n\nexports: {out_dir}\nreport:  {out_dir / REPORT_FILE}", flush=True)
+    _raise_if_unverified(report, targets)
+    return results
+
+
+def _formats(requested: Any) -> list[str]:
+    names = [requested] if isinstance(requested, str) else list(requested or [])
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise ConfigError(
+            f"formats={names} {'names unknown formats ' + str(unknown) if unknown else 'is empty'}; expected a "
+            f"list of {list(FORMATS)}. Fix: e.g. formats=[torchscript,export,onnx,int8] or formats=[onnx]."
+        )
+    return list(dict.fromkeys(names))
+
+
+def _out_dir(cfg: DictConfig, source: str, model_dir: Path) -> Path:
+    """The registry version's exports/ folder when SOURCE is a version, else export.out_dir."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        path = path.parent
+    elif not path.is_dir():
+        try:
+            path = registry.resolve(model_dir, source)
+        except RegistryError:  # not a registry reference (e.g. torchvision weights)
+            return Path(str(cfg.export.out_dir)).expanduser().resolve()
+    if registry.VERSION_DIR_RE.fullmatch(path.name) and (path / registry.METADATA_FILE).is_file():
+        return path.resolve() / "exports"
+    return Path(str(cfg.export.out_dir)).expanduser().resolve()
+
+
+def _splits(cfg: DictConfig, meta: dict[str, Any]) -> DataSplits:
+    """The model's own data (recorded in its metadata) unless data.root names another folder with its classes."""
+    recorded = meta.get("dataset") or {}
+    root = cfg.data.root or recorded.get("root")
+    if root is None:
+        raise ConfigError(
+            f"{cfg.ckpt_path} records no dataset, and data.root is not set. Expected images to calibrate int8 "
+            "and to verify every export on (DIR/train/<class>/*, DIR/val/<class>/* or DIR/<class>/*). "
+            "Fix: pass data.root=DIR with the model's classes."
+        )
+    same_root = Path(str(root)).expanduser().resolve() == Path(recorded.get("root", "/nonexistent"))
+    data_cfg = OmegaConf.merge(cfg.data, {"root": str(root)})
+    assert isinstance(data_cfg, DictConfig)
+    splits = find_splits(data_cfg, recorded if same_root else None)
+    if splits.class_names != meta["class_names"]:
+        raise DataError(
+            f"The classes in {root} ({splits.class_names}) differ from the model's ({meta['class_names']}). "
+            "Expected the class folders the model was trained on. Fix: pass data.root=DIR with those classes."
+        )
+    return splits
+
+
+def _subset(splits: DataSplits, split: str, limit: int | None, seed: int) -> list[Sample]:
+    """Up to `limit` samples of a split, drawn with a fixed seed so every class is represented."""
+    samples = list(splits.samples.get(split) or [])
+    if not samples:
+        raise DataError(f"{splits.root} has no {split!r} images; export needs train (int8 calibration) and val images.")
+    if limit is not None and limit < len(samples):
+        samples = random.Random(seed).sample(samples, int(limit))
+    return samples
+
+
+def _loader(cfg: DictConfig, samples: list[Sample], pre: dict[str, Any]) -> DataLoader:
+    workers = default_num_workers() if cfg.data.num_workers is None else int(cfg.data.num_workers)
+    min_size = int(pre["resize"]) if cfg.data.fast_decode else None
+    dataset = ImageListDataset(samples, eval_transforms(pre), min_size)
+    return DataLoader(dataset, batch_size=int(cfg.export.batch_size), num_workers=workers)
+
+
+def _images(loader: DataLoader) -> Iterator[torch.Tensor]:
+    for images, _ in loader:
+        yield images
+
+
+def _raise_if_unverified(report: dict[str, Any], targets: Targets) -> None:
+    onnx = report["formats"].get("onnx")
+    if onnx and onnx["max_abs_logit_diff"] > targets.onnx_max_abs_diff:
+        raise ArtifactError(
+            f"The ONNX export failed verification: its logits differ from PyTorch's by up to "
+            f"{onnx['max_abs_logit_diff']:.2e} on {onnx['val_images']} validation images, expected <= "
+            f"{targets.onnx_max_abs_diff:g}. The file and the report were written for inspection. Fix: try another "
+            "export.onnx_opset, or report the model and versions in the report's `machine` section."
+        )

@@ -1,0 +1,122 @@
+"""Transfer learning through the CLI: exact resume after an unfreeze, DDP with late-unfrozen stages, LR finder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from clitools import FAST, assert_ok, run_cli
+
+from retrain.tuning import lr_set_by_user
+
+pytestmark = pytest.mark.e2e
+QUICK = (*FAST, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false", "save.publish=false")
+SCHEDULE = "callbacks.unfreeze.schedule=[0:fc,2:layer4,3:layer3]"
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _last(result) -> Path:
+    return result.runs()[-1] / "checkpoints" / "last.ckpt"
+
+
+def test_resume_after_an_unfreeze_milestone_matches_an_uninterrupted_run(tmp_path: Path, imagefolder: Path) -> None:
+    common = (
+        f"data.root={imagefolder}",
+        "callbacks=unfreeze",
+        SCHEDULE,
+        "model.scheduler.T_max=4",  # the same cosine schedule in both runs
+        "trainer.deterministic=true",
+        *QUICK,
+    )
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "split").mkdir()
+    straight = run_cli("train.py", *common, "trainer.max_epochs=4", cwd=tmp_path / "straight")
+    assert_ok(straight)
+    first = run_cli("train.py", *common, "trainer.max_epochs=3", cwd=tmp_path / "split")
+    assert_ok(first)
+    stopped = _last(first)
+    resumed = run_cli("train.py", *common, "trainer.max_epochs=4", f"ckpt_path={stopped}", cwd=tmp_path / "split")
+    assert_ok(resumed)
+
+    a, b, mid = _ckpt(_last(straight)), _ckpt(_last(resumed)), _ckpt(stopped)
+    assert a["epoch"] == b["epoch"] == 3 and mid["epoch"] == 2
+    diff = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item() for k in a["state_dict"])
+    assert diff <= 1e-6
+    layer3 = "model.layer3.0.conv1.weight"
+    assert not torch.equal(mid["state_dict"][layer3], b["state_dict"][layer3])  # epoch 3 trained layer3
+    groups_a, groups_b = a["optimizer_states"][0]["param_groups"], b["optimizer_states"][0]["param_groups"]
+    assert [(g["name"], g["lr"]) for g in groups_a] == [(g["name"], g["lr"]) for g in groups_b]
+    for key, state in a["optimizer_states"][0]["state"].items():
+        torch.testing.assert_close(b["optimizer_states"][0]["state"][key]["momentum_buffer"], state["momentum_buffer"])
+    unfreeze = resumed.results()["unfreeze"]
+    assert [row["trainable"] for row in unfreeze["history"]] == [
+        ["fc"],
+        ["fc"],
+        ["layer4", "fc"],
+        ["layer3", "layer4", "fc"],
+    ]
+    assert resumed.results()["metadata"]["freeze"] == ["stem", "layer1", "layer2"]
+
+
+def test_ddp_ranks_agree_after_a_stage_unfreezes_mid_run(tmp_path: Path, imagefolder: Path) -> None:
+    result = run_cli(
+        "train.py",
+        f"data.root={imagefolder}",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=2",
+        "callbacks=unfreeze",
+        "callbacks.unfreeze.schedule=[0:fc,1:layer4]",
+        *FAST,
+        "test=false",
+        "save.publish=false",
+        cwd=tmp_path,
+        timeout=400,
+    )
+    assert_ok(result)
+    checksums = result.results()["unfreeze"]["replica_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    checkpoints = result.runs()[-1] / "checkpoints"
+    epoch0 = _ckpt(next(checkpoints.glob("*-epoch000-*.ckpt")))["state_dict"]
+    final = _ckpt(checkpoints / "last.ckpt")["state_dict"]
+    assert not torch.equal(epoch0["model.layer4.1.conv2.weight"], final["model.layer4.1.conv2.weight"])
+    for key in ("model.conv1.weight", "model.bn1.running_mean", "model.layer3.1.bn2.running_var"):
+        assert torch.equal(epoch0[key], final[key]), f"{key} changed although its stage stayed frozen"
+
+
+def test_lr_finder_picks_the_lr_and_the_feature_cache_serves_every_split(tmp_path: Path, imagefolder: Path) -> None:
+    result = run_cli(
+        "train.py",
+        f"data.root={imagefolder}",
+        "model.freeze=true",
+        "data.augment=none",
+        "tune.lr_find=true",
+        "tune.num_training=30",
+        "trainer.max_epochs=2",
+        *FAST,
+        "save.publish=false",
+        cwd=tmp_path,
+    )
+    assert_ok(result)
+    results = result.results()
+    found = results["lr_find"]
+    assert found["applied"] and found["lr"] == found["suggestion"] > 0
+    assert Path(found["plot"]).is_file() and Path(found["plot"]).parent == result.runs()[-1]
+    assert not list(result.runs()[-1].glob(".lr_find*.ckpt"))  # Lightning's temporary checkpoint is gone
+    cache = results["feature_cache"]
+    assert cache["enabled"] and set(cache["splits"]) == {"train", "val", "test"}
+    assert all(split["builds"] == 1 for split in cache["splits"].values())
+    assert results["test"]["test/acc"] >= 0.0 and results["metadata"]["train_bn"] is False
+    saved = json.loads((result.runs()[-1] / "lr_find.json").read_text())
+    assert saved["lr"] == found["lr"]
+
+
+def test_an_lr_on_the_command_line_is_kept() -> None:
+    assert lr_set_by_user(["data.root=x", "model.lr=0.05"])
+    assert lr_set_by_user(["++model.lr=0.05"])
+    assert not lr_set_by_user(["model.lr_find=1", "tune.lr_find=true", "experiment=retrain"])

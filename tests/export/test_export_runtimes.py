@@ -1,0 +1,105 @@
+"""Each float export format written in-process and read back by its own runtime, with the facts it carries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import torchvision
+
+from retrain.errors import ArtifactError
+from retrain.export.metadata import deploy_info, from_props, to_props
+from retrain.export.onnx import INPUT, OUTPUT, export_onnx
+from retrain.export.program import export_program
+from retrain.export.runtimes import FILE_NAMES, detect_kind, load_runtime
+from retrain.export.torchscript import export_torchscript
+from retrain.tasks.export import _formats, _out_dir
+
+META = {
+    "arch": "resnet18",
+    "class_names": ["cat", "dog", "fox"],
+    "preprocessing": {"image_size": 32, "resize": 37, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+    "name": "pets",
+    "version": 2,
+}
+INFO = deploy_info(META, "pets@v002")
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=3).eval()
+
+
+def test_metadata_round_trips_through_string_properties(tmp_path: Path) -> None:
+    props = to_props(INFO)
+    assert all(isinstance(v, str) for v in props.values())
+    assert json.loads(props["class_names"]) == ["cat", "dog", "fox"]
+    assert from_props(props, tmp_path / "m.onnx") == INFO
+    with pytest.raises(ArtifactError, match=r"m\.onnx carries no class_names"):
+        from_props({"arch": '"resnet18"'}, tmp_path / "m.onnx")
+
+
+def _check_runtime(model: torch.nn.Module, path: Path, fmt: str) -> None:
+    assert detect_kind(path) == fmt
+    runtime = load_runtime(path)
+    assert runtime.kind == fmt and runtime.info == INFO
+    images = torch.randn(5, 3, 32, 32)  # a batch size the export never saw
+    with torch.no_grad():
+        expected = model(images)
+    assert runtime.predict(images).shape == (5, 3)
+    assert torch.allclose(runtime.predict(images), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "export"])
+def test_torch_export_loads_in_its_runtime_with_any_batch_size_and_its_metadata(
+    model, fmt: str, tmp_path: Path
+) -> None:
+    path = tmp_path / FILE_NAMES[fmt]
+    write = export_torchscript if fmt == "torchscript" else export_program
+    write(model, torch.randn(2, 3, 32, 32), path, to_props(INFO))
+    _check_runtime(model, path, fmt)
+
+
+def test_onnx_has_named_io_a_dynamic_batch_axis_metadata_props_and_runs_in_onnxruntime(model, tmp_path: Path) -> None:
+    path = export_onnx(model, torch.randn(2, 3, 32, 32), tmp_path / "m.onnx", to_props(INFO), opset=23)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == [INPUT] and [o.name for o in proto.graph.output] == [OUTPUT]
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value
+    assert {op.domain: op.version for op in proto.opset_import}[""] == 23
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["class_names"]) == ["cat", "dog", "fox"]
+    assert json.loads(props["preprocessing"])["mean"] == [0.5] * 3
+    _check_runtime(model, path, "onnx")
+
+
+def test_a_checkpoint_is_not_mistaken_for_an_export(model, tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    assert detect_kind(path) is None
+    with pytest.raises(ArtifactError, match=r"weights\.pt is not an exported model"):
+        load_runtime(path)
+
+
+def test_exports_of_a_registry_version_go_to_its_exports_folder(tmp_path: Path) -> None:
+    version = tmp_path / "models" / "pets" / "v002"
+    version.mkdir(parents=True)
+    (version / "metadata.json").write_text("{}")
+    (version / "model.safetensors").write_bytes(b"")
+    cfg = type("Cfg", (), {"export": type("E", (), {"out_dir": str(tmp_path / "out")})})()
+    for source in ("pets@v2", "pets@latest", str(version), str(version / "model.safetensors")):
+        assert _out_dir(cfg, source, tmp_path / "models") == version.resolve() / "exports"  # type: ignore[arg-type]
+    loose = tmp_path / "loose.ckpt"
+    loose.write_bytes(b"")
+    assert _out_dir(cfg, str(loose), tmp_path / "models") == (tmp_path / "out").resolve()  # type: ignore[arg-type]
+
+
+def test_unknown_formats_are_named() -> None:
+    assert _formats(["onnx", "int8", "onnx"]) == ["onnx", "int8"]
+    with pytest.raises(Exception, match=r"unknown formats \['tflite'\]"):
+        _formats(["onnx", "tflite"])
