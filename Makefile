@@ -35,8 +35,11 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)  ## run every benchmark in bench/ and print their tables
-	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+BENCH_ARGS ?=
+bench: $(STAMP)  ## run every benchmark in bench/ at full size and print their tables (BENCH_ARGS=--quick: smoke run)
+	@for script in $(filter-out bench/_%,$(sort $(wildcard bench/*.py))); do \
+		echo "== $$script $(BENCH_ARGS)"; $(PY) $$script $(BENCH_ARGS) || exit 1; done
+	@echo "== bench/gpu.sh is not run here: it needs a CUDA GPU (bash bench/gpu.sh)"
 
 clean:  ## remove caches, logs and generated data (keeps models/ and .venv)
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache .mypy_cache data/demo

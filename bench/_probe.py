@@ -14,17 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from _machine import peak_rss_mib
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class ThroughputProbe(L.Callback):
-    """Writes images/s, images, seconds, peak RSS, loader workers and precision to `out` when training ends."""
+    """Writes images/s, images, wall and CPU seconds, peak RSS, loader workers and precision to `out` at the end."""
 
     def __init__(self, out: str, warmup: int = 1) -> None:
         self.out = Path(out)
         self.warmup = warmup
         self.start: float | None = None
         self.end = 0.0
+        self.cpu_start = self.cpu_end = 0.0
         self.images = 0
         self.peak = 0.0
 
@@ -33,14 +40,17 @@ class ThroughputProbe(L.Callback):
     ) -> None:
         """Start the clock at the first timed batch."""
         if batch_idx == self.warmup and self.start is None:
-            self.start = time.perf_counter()
+            _sync()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Count the images of every timed batch; the last one stops the clock."""
         if self.start is not None:
-            self.end = time.perf_counter()
+            if batch_idx == trainer.num_training_batches - 1:  # queued GPU work belongs to the window
+                _sync()
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
             self.images += len(batch[1])
             self.peak = peak_rss_mib()  # before validation, which the plain loop does not run
 
@@ -54,6 +64,7 @@ class ThroughputProbe(L.Callback):
             "images_per_s": self.images / seconds,
             "images": self.images,
             "seconds": seconds,
+            "cpu_seconds": self.cpu_end - self.cpu_start,
             "peak_rss_mib": self.peak,
             "workers": getattr(loader, "num_workers", None),
             "precision": str(trainer.precision),

@@ -31,6 +31,7 @@ class Throughput:
     images_per_s: float
     images: int
     seconds: float
+    cpu_seconds: float  # of this process alone: with one thread and no workers, immune to other load
     peak_rss_mib: float
     workers: int
 
@@ -49,10 +50,12 @@ def plain_loop(
     warmup: int = 1,
     workers: int = 1,
     channels_last: bool = False,
+    device: str = "cpu",
     seed: int = 0,
 ) -> Throughput:
     """Train resnet18 on root/train for warmup + steps batches; time the steps after the warm-up."""
     torch.manual_seed(seed)
+    cuda = device.startswith("cuda")
     transform = transforms.Compose(
         [
             transforms.Resize(round(image_size * 256 / 224)),
@@ -63,19 +66,27 @@ def plain_loop(
     )
     dataset = datasets.ImageFolder(str(root / "train"), transform)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=cuda,
     )
-    model = models.resnet18(num_classes=len(dataset.classes))
+    model = models.resnet18(num_classes=len(dataset.classes)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     model.train()
 
-    images, start, step = 0, time.perf_counter(), -1
+    images, start, cpu, step = 0, time.perf_counter(), time.process_time(), -1
     for step, (inputs, labels) in enumerate(loader):
         if step == warmup:  # the clock starts once the first batches (and the lazy allocations) are behind us
-            start, images = time.perf_counter(), 0
+            if cuda:
+                torch.cuda.synchronize()
+            start, cpu, images = time.perf_counter(), time.process_time(), 0
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         outputs = model(inputs)
@@ -86,12 +97,14 @@ def plain_loop(
         images += len(labels)
         if step + 1 == warmup + steps:
             break
-    seconds = time.perf_counter() - start
+    if cuda:
+        torch.cuda.synchronize()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if step + 1 < warmup + steps:
         raise ValueError(
             f"{root}/train holds {len(dataset)} images; {warmup + steps} batches of {batch_size} need more"
         )
-    return Throughput(images / seconds, images, seconds, peak_rss_mib(), workers)
+    return Throughput(images / seconds, images, seconds, cpu, peak_rss_mib(), workers)
 
 
 def main() -> None:
@@ -106,6 +119,7 @@ def main() -> None:
         parser.add_argument("--warmup", type=int, default=1)
         parser.add_argument("--workers", type=int, default=default_workers(cores()))
         parser.add_argument("--channels-last", action="store_true")
+        parser.add_argument("--device", default="cpu", help="cpu, or cuda for bench/gpu.sh")
         parser.add_argument("--json", type=Path, help="write the figures here instead of printing a table")
 
     args = parse_args(__doc__, extra)
@@ -124,6 +138,7 @@ def main() -> None:
             warmup=args.warmup,
             workers=args.workers,
             channels_last=args.channels_last,
+            device=args.device,
         )
     if args.json:
         args.json.write_text(json.dumps(asdict(result)))

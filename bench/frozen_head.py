@@ -1,15 +1,20 @@
 """Frozen-head fine-tuning: retrain's feature cache against the plain PyTorch loop, on the same images.
 
-    python bench/frozen_head.py            # 480 demo images at 224 px (336 train, 72 val), batch 32, 10 epochs
-    python bench/frozen_head.py --quick    # a smoke run: fewer, smaller images
+    python bench/frozen_head.py            # 480 images at 224 px (336 train, 144 val), batch 32, 10 epochs
+    python bench/frozen_head.py --quick    # a smoke run: 60 images at 64 px, 3 epochs
+    python bench/frozen_head.py --root DIR --init-from IMAGENET1K_V1   # your ImageFolder (train/, val/) and weights
 
 The plain loop is the classic "ConvNet as fixed feature extractor": requires_grad=False on every parameter, a new
 fc, SGD(fc, lr=0.001, momentum=0.9), and every epoch a full pass over the train and val images. Its backbone runs
 in eval mode, as retrain's default `model.train_bn=false` does, so both sides train the same model. retrain runs the
 same training through ClassifierModule and a Trainer with the frozen-feature cache (data.augment=none). Both start
-from the same weights and head, load images with the same number of workers, validate every epoch and save
-nothing; the clock covers the 10 epochs of each (for retrain, the whole `trainer.fit`, cache building included).
-Prints a markdown table for the README.
+from the same weights and head, shuffle with the same per-epoch seeds, load images with the same number of workers,
+validate every epoch and save nothing; the clock covers the 10 epochs of each (for retrain, the whole
+`trainer.fit`, cache building included). Prints a markdown table for the README.
+
+Without network there are no pretrained weights, so by default the backbone is a seeded random init and the images
+are generated: 6 classes told apart by their colour tint under heavy noise, which random convolutional features can
+separate (the demo set's shapes need learned features: a frozen random backbone stays at chance on them).
 """
 
 from __future__ import annotations
@@ -25,15 +30,16 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.models import ResNet
 
 from retrain.artifacts.sources import load_source
 from retrain.data.datamodule import ImageFolderDataModule, default_num_workers
-from retrain.data.demo import build_demo_dataset
 from retrain.data.splits import discover
 from retrain.data.transforms import eval_transforms, preprocessing
 from retrain.model.feature_cache import FeatureCache
@@ -42,6 +48,26 @@ from retrain.model.resnet import build_resnet
 from retrain.model.surgery import BACKBONE, apply_freeze, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+TINTS = ((200, 70, 70), (70, 200, 70), (70, 70, 200), (200, 200, 70), (200, 70, 200), (70, 200, 200))
+
+
+def build_tinted_set(root: Path, *, per_class: int, size: int, seed: int) -> Path:
+    """Write root/{train,val}/<class>/*.jpg (70% / 30%), each image a class tint under noise; reuse a finished set."""
+    if (root / "val").is_dir():
+        return root
+    rng = np.random.default_rng(seed)
+    staging = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    n_train = round(per_class * 0.7)
+    for label, tint in enumerate(TINTS):
+        for i in range(per_class):
+            folder = staging / ("train" if i < n_train else "val") / f"tint{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = np.asarray(tint, dtype=float) * rng.uniform(0.5, 1.0) + rng.normal(0, 70, (size, size, 3))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+    staging.rename(root)  # a half-written set is never mistaken for a finished one
+    return root
 
 
 def initial_model(num_classes: int, init_from: str | None, seed: int) -> ResNet:
@@ -143,9 +169,9 @@ def cpu_model() -> str:
 def main() -> None:
     """Build (or reuse) the image set, time both loops, print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 16 images per class at 64 px, 3 epochs")
-    parser.add_argument("--root", type=Path, help="an ImageFolder with train/ and val/ (default: build the demo set)")
-    parser.add_argument("--per-class", type=int, default=80, help="demo images per class (6 classes)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 10 images per class at 64 px, 3 epochs")
+    parser.add_argument("--root", type=Path, help="ImageFolder with train/ and val/ (default: generated tints)")
+    parser.add_argument("--per-class", type=int, default=80, help="generated images per class (6 classes)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)
@@ -155,11 +181,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.quick:
-        args.per_class, args.image_size, args.epochs = 16, 64, 3
-    root = args.root or build_demo_dataset(
-        REPO / "data" / "bench" / f"frozen_head-{args.per_class}x{args.image_size}",
+        args.per_class, args.image_size, args.epochs = 10, 64, 3
+    root = args.root or build_tinted_set(
+        REPO / "data" / "bench" / f"tints-{args.per_class}x{args.image_size}-seed{args.seed}",
         per_class=args.per_class,
-        image_size=args.image_size,
+        size=args.image_size,
         seed=args.seed,
     )
     splits = discover(root)
@@ -170,9 +196,9 @@ def main() -> None:
     ours_s, ours_acc, cache = retrain_loop(start, setup, args.dtype)
     storage = cache["splits"]["train"]["storage"]
     print(
-        f"Frozen-head fine-tuning, {args.epochs} epochs: {sizes['train']} train + {sizes['val']} val images at "
-        f"{args.image_size} px, batch {args.batch_size}, {args.workers} loader worker(s), backbone "
-        f"{args.init_from or f'random init (seed {args.seed})'}.\n"
+        f"Frozen-head fine-tuning, {args.epochs} epochs: {sizes['train']} train + {sizes['val']} val images "
+        f"({args.root or 'generated, 6 colour-tint classes'}) at {args.image_size} px, batch {args.batch_size}, "
+        f"{args.workers} loader worker(s), backbone {args.init_from or f'random init (seed {args.seed})'}.\n"
     )
     print(f"| loop | wall time, {args.epochs} epochs | val acc |")
     print("| --- | ---: | ---: |")

@@ -63,13 +63,24 @@ def _run_files(run_dir: Path) -> tuple[list[str], list[str]]:
     return list(overrides or []), bad_list.read_text().split() if bad_list.is_file() else []
 
 
-def _history(folders: list[Path], meta: dict[str, Any]) -> dict[str, Any]:
+def _unfreeze_milestones(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Epochs at which the unfreeze callback's trainable set grew, from the summary it leaves in results.json."""
+    milestones, before = [], None
+    for row in (results.get("unfreeze") or {}).get("history") or []:
+        added = [stage for stage in row["trainable"] if before is not None and stage not in before]
+        if added:
+            milestones.append({"epoch": row["epoch"], "stages": added})
+        before = row["trainable"]
+    return milestones
+
+
+def _history(folders: list[Path], results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     for folder in folders:
         if (folder / "report" / HISTORY_FILE).is_file():
             return read_json(folder / "report" / HISTORY_FILE)
-    # No report beside the model: fall back to what the checkpoint recorded.
-    milestones = [{"epoch": int(e), "stages": []} for e in meta.get("unfreeze_epochs") or []]
-    return {"history": meta.get("history") or [], "milestones": milestones}
+    # No report beside the model (made without the report callback): what the run and checkpoint recorded.
+    history = results.get("history") or meta.get("history") or []
+    return {"history": history, "milestones": _unfreeze_milestones(results)}
 
 
 def rebuild(
@@ -120,7 +131,9 @@ def rebuild(
     load_weights(net, artifact.state_dict, source=source, replace_head=False)
     predictions = predict_samples(net, splits.samples[split], meta["preprocessing"], device=device)
     folders = [f for f in (run_dir, _artifact_folder(source, model_dir)) if f is not None]
-    recorded = _history(folders, meta)
+    from_run = bool(results)
+    results = results or next((read_json(f / "results.json") for f in folders if (f / "results.json").is_file()), {})
+    recorded = _history(folders, results, meta)
     summary = meta.get("results") or results
     overrides, bad_files = _run_files(run_dir) if run_dir else ([], [])
     version = int(meta.get("version") or 0)
@@ -139,10 +152,10 @@ def rebuild(
         dataset=dataset,
         bad_files=bad_files,
     )
-    if out is None:
+    if out is None:  # a run's report is rebuilt in place; a registry version is never written to
         out = (
             run_dir / "report"
-            if run_dir and results
+            if run_dir and from_run
             else Path("reports") / f"{meta.get('name', 'model')}-v{version:03d}"
         )
     return write_report(inputs, out, top_k=top_k)[0]

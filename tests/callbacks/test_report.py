@@ -204,3 +204,15 @@ def test_test_metrics_reach_report_md_after_fit(fitted) -> None:
     assert finish_report([RunReport(run / "elsewhere")], {"test/acc": 0.5}) is None  # it wrote no report
     assert finish_report([resumed], {"test/acc": 0.4321}) == str(run / "report")
     assert "| test/acc | 0.4321 |" in (run / "report" / "report.md").read_text()
+
+
+def test_rebuild_without_a_report_takes_milestones_from_the_unfreeze_summary() -> None:
+    from retrain.report import _unfreeze_milestones
+
+    rows = [
+        {"epoch": 0, "trainable": ["fc"]},
+        {"epoch": 1, "trainable": ["fc"]},
+        {"epoch": 2, "trainable": ["layer4", "fc"]},
+    ]
+    assert _unfreeze_milestones({"unfreeze": {"history": rows}}) == [{"epoch": 2, "stages": ["layer4"]}]
+    assert _unfreeze_milestones({"unfreeze": None}) == []

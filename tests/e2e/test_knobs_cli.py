@@ -1,9 +1,11 @@
 """The speed knobs, through the CLI: each run trains and predicts what the plain fp32 run predicts, within tolerance.
 
-Every run starts from the same seed, trains the same 2 batches (augment=none: the data is identical whatever
-the loader workers do) and is then evaluated in fp32 here, so any difference comes from training under the knob.
-On a CPU, Lightning runs `trainer.precision=16-mixed` as bf16-mixed and says so; the 16-mixed run therefore
-covers bf16-mixed as well.
+Runs start from the same seed and train the same 2 batches (augment=none: the data is identical whatever the
+loader workers do); the test then evaluates every checkpoint in fp32, so any difference comes from training
+under the knob. The backbone is frozen: full fine-tuning from a random init amplifies any change in rounding
+(bf16's, or compile's reordered fp32 sums) into differences as large as the training steps themselves
+(measured), which would test nothing. On a CPU, Lightning runs `trainer.precision=16-mixed` as bf16-mixed and
+says so, so that run covers both.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ SHORT = (
     "trainer.limit_val_batches=0",  # validation would compile a second (eval) graph: minutes on a CI CPU
     "test=false",
     "save.publish=false",
+    "model.freeze=true",
+    "model.feature_cache=false",  # the cache would compute the features once, outside the knob
 )
 KNOBS = {
     "fp32": ("trainer.precision=32",),
@@ -37,6 +41,8 @@ KNOBS = {
     ),
     "half": ("trainer.precision=16-mixed",),
 }
+# Two training steps move these probabilities by about 5e-2; compile moved them by 1e-7, bf16 by 8e-4 (measured).
+TOLERANCE = 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +84,11 @@ def test_a_compiled_model_saves_plain_keys_that_load_into_an_uncompiled_resnet(r
 def test_compile_and_channels_last_predict_what_fp32_predicts(runs) -> None:
     reference = predictions(last_checkpoint(runs["fp32"]))
     compiled = predictions(last_checkpoint(runs["compiled"]))
-    assert (compiled - reference).abs().max() < 1e-3
+    assert (compiled - reference).abs().max() < TOLERANCE
 
 
 def test_16_mixed_runs_as_bf16_on_cpu_and_predicts_what_fp32_predicts(runs) -> None:
     assert "Using `precision='bf16-mixed'` instead" in runs["half"].output
     reference = predictions(last_checkpoint(runs["fp32"]))
     half = predictions(last_checkpoint(runs["half"]))
-    assert (half - reference).abs().max() < 2e-2
+    assert (half - reference).abs().max() < TOLERANCE

@@ -14,9 +14,10 @@ from retrain.errors import ArtifactError
 from retrain.export.metadata import deploy_info, from_props, to_props
 from retrain.export.onnx import INPUT, OUTPUT, export_onnx
 from retrain.export.program import export_program
+from retrain.export.report import Targets, assemble, table
 from retrain.export.runtimes import FILE_NAMES, detect_kind, load_runtime
 from retrain.export.torchscript import export_torchscript
-from retrain.tasks.export import _formats, _out_dir
+from retrain.tasks.export import _formats, _out_dir, _verification_problem
 
 META = {
     "arch": "resnet18",
@@ -103,3 +104,27 @@ def test_unknown_formats_are_named() -> None:
     assert _formats(["onnx", "int8", "onnx"]) == ["onnx", "int8"]
     with pytest.raises(Exception, match=r"unknown formats \['tflite'\]"):
         _formats(["onnx", "tflite"])
+
+
+def _row(acc: float, latency: float, throughput: float, diff: float = 0.0) -> dict:
+    return {"file": None, "size_mb": 1.0, "val_images": 100, "val_acc": acc, "agreement": 1.0,
+            "max_abs_logit_diff": diff, "latency_ms_b1": latency, "throughput_b32": throughput}  # fmt: skip
+
+
+def test_missed_targets_are_reported_with_what_was_measured_and_a_failed_onnx_check_stops() -> None:
+    rows = {
+        "eager": _row(0.90, 10.0, 100.0),
+        "onnx": _row(0.90, 5.0, 150.0, diff=3e-4),
+        "int8": _row(0.87, 8.0, 150.0, diff=0.2),
+    }
+    report = assemble(rows, Targets())
+    checks = {check["name"]: check for check in report["targets"]}
+    assert checks["int8 val accuracy drop vs float (points)"]["measured"] == pytest.approx(3.0)
+    assert not checks["int8 val accuracy drop vs float (points)"]["met"]
+    assert not checks["int8 batch-32 throughput vs float eager (x)"]["met"]  # 1.5x < 1.8x
+    assert checks["onnxruntime batch-1 speed vs eager (x)"]["met"]  # 2x
+    text = table(report)
+    assert "| int8 | (in memory) |" in text and "MISSED" in text and "(target >= 1.8)" in text
+    assert "3.00e-04" in _verification_problem(report, Targets())  # type: ignore[operator]
+    rows["onnx"]["max_abs_logit_diff"] = 5e-5
+    assert _verification_problem(assemble(rows, Targets()), Targets()) is None

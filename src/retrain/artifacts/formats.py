@@ -36,7 +36,8 @@ WRAPPER_PREFIXES = ("model.", "net.", "backbone.", "_orig_mod.", "module.")
 SILENT_PREFIXES = ("_orig_mod.", "module.")
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 _ALLOW_PICKLE_FIX = (
-    "Fix: if you trust where the file came from, set model.allow_pickle=true; better, load it once in a "
+    "Fix: if you trust where the file came from, set model.allow_pickle=true (train.py) or allow_pickle=true "
+    "(eval.py, predict.py, export.py); better, load it once in a "
     "trusted Python session and re-save only the weights with torch.save(model.state_dict(), 'weights.pth')."
 )
 

@@ -105,7 +105,7 @@ def write_report(inputs: ReportInputs, out_dir: Path, *, top_k: int = 16) -> lis
     write_per_class_csv(per_class(matrix, names), out_dir / "per_class.csv")
     plot_curves(inputs.history, inputs.milestones, out_dir / "curves.png")
     plot_confusion(
-        normalize_rows(matrix), names, out_dir / "confusion_matrix.png", f"{inputs.split}: rows = true class"
+        normalize_rows(matrix), names, out_dir / "confusion_matrix.png", f"{inputs.split} split, each row sums to 1"
     )
     errors = [
         {

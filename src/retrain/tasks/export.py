@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import random
 from collections.abc import Iterator
@@ -19,7 +20,6 @@ from retrain.data.splits import DataSplits, Sample
 from retrain.data.transforms import eval_transforms
 from retrain.errors import ArtifactError, ConfigError, DataError, RegistryError
 from retrain.export.metadata import deploy_info, to_props, write_sidecar
-from retrain.export.onnx import export_onnx
 from retrain.export.program import export_program
 from retrain.export.quantize import quantize_ptq, save_int8
 from retrain.export.report import REPORT_FILE, Targets, build_report, table
@@ -32,6 +32,8 @@ from retrain.utils.hydra import output_dir
 log = logging.getLogger("retrain")
 
 FORMATS = tuple(FILE_NAMES)
+# The `export` extra's packages each format needs beyond torch.
+NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "int8": ("torchao",)}
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -59,6 +61,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         elif fmt == "export":
             export_program(model, example, path, props)
         elif fmt == "onnx":
+            from retrain.export.onnx import export_onnx  # here: onnx is an optional extra
+
             export_onnx(model, example, path, props, opset=int(cfg.export.onnx_opset))
         else:
             calibration = _images(_loader(cfg, _subset(splits, "train", cfg.export.calib_images, cfg.seed), pre))
@@ -73,10 +77,12 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     )
     report.update({"source": source, "out_dir": str(out_dir), "preprocessing_file": str(sidecar)})
     write_json(out_dir / REPORT_FILE, report)
-    results = {"status": "ok", **report, "report_file": str(out_dir / REPORT_FILE)}
+    problem = _verification_problem(report, targets)
+    results = {"status": "failed" if problem else "ok", **report, "report_file": str(out_dir / REPORT_FILE)}
     write_json(output_dir() / "results.json", results)
     print(f"\n{table(report)}\n\nexports: {out_dir}\nreport:  {out_dir / REPORT_FILE}", flush=True)
-    _raise_if_unverified(report, targets)
+    if problem:
+        raise ArtifactError(problem)
     return results
 
 
@@ -87,6 +93,12 @@ def _formats(requested: Any) -> list[str]:
         raise ConfigError(
             f"formats={names} {'names unknown formats ' + str(unknown) if unknown else 'is empty'}; expected a "
             f"list of {list(FORMATS)}. Fix: e.g. formats=[torchscript,export,onnx,int8] or formats=[onnx]."
+        )
+    missing = [pkg for name in names for pkg in NEEDS.get(name, ()) if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise ConfigError(
+            f"formats={names} needs the packages {sorted(set(missing))}, which are not installed. "
+            "Fix: pip install -e '.[export]' (or leave those formats out)."
         )
     return list(dict.fromkeys(names))
 
@@ -150,12 +162,14 @@ def _images(loader: DataLoader) -> Iterator[torch.Tensor]:
         yield images
 
 
-def _raise_if_unverified(report: dict[str, Any], targets: Targets) -> None:
+def _verification_problem(report: dict[str, Any], targets: Targets) -> str | None:
+    """Why the ONNX export failed its verification against PyTorch, or None when it passed (or was not asked for)."""
     onnx = report["formats"].get("onnx")
-    if onnx and onnx["max_abs_logit_diff"] > targets.onnx_max_abs_diff:
-        raise ArtifactError(
-            f"The ONNX export failed verification: its logits differ from PyTorch's by up to "
-            f"{onnx['max_abs_logit_diff']:.2e} on {onnx['val_images']} validation images, expected <= "
-            f"{targets.onnx_max_abs_diff:g}. The file and the report were written for inspection. Fix: try another "
-            "export.onnx_opset, or report the model and versions in the report's `machine` section."
-        )
+    if not onnx or onnx["max_abs_logit_diff"] <= targets.onnx_max_abs_diff:
+        return None
+    return (
+        f"The ONNX export failed verification: its logits differ from PyTorch's by up to "
+        f"{onnx['max_abs_logit_diff']:.2e} on {onnx['val_images']} validation images, expected <= "
+        f"{targets.onnx_max_abs_diff:g}. The file and the report were written for inspection. Fix: try another "
+        "export.onnx_opset, or report the model and the versions in the report's `machine` section."
+    )
