@@ -28,22 +28,14 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 ONNX_OPSET = 23  # what conf/export.yaml exports
 
 
-def latency_ms(predict: Predict, images: torch.Tensor, calls: int) -> float:
-    """Median wall time of one call, in ms; the median ignores the odd call that another process interrupts."""
+def timed_calls(predict: Predict, images: torch.Tensor, calls: int, clock: Callable[[], float]) -> list[float]:
+    """Seconds of each of `calls` calls, by `clock` (wall time, or this process's CPU time)."""
     times = []
     for _ in range(calls):
-        start = time.perf_counter()
+        start = clock()
         predict(images)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def throughput(predict: Predict, images: torch.Tensor, calls: int) -> float:
-    """Images per second over `calls` back-to-back calls."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        predict(images)
-    return calls * len(images) / (time.perf_counter() - start)
+        times.append(clock() - start)
+    return times
 
 
 def runtimes(model: torch.nn.Module, example: torch.Tensor, folder: Path, quick: bool) -> dict[str, Predict]:
@@ -74,11 +66,21 @@ def main() -> None:
         parser.add_argument("--image-size", type=int, default=224)
         parser.add_argument("--batch-size", type=int, default=32)
         parser.add_argument("--calls", type=int, default=40, help="batch-1 calls per runtime")
-        parser.add_argument("--batch-calls", type=int, default=5, help="batch calls per runtime")
+        parser.add_argument("--batch-calls", type=int, default=8, help="batch calls per runtime")
+        parser.add_argument("--rounds", type=int, default=4, help="the calls are split into rounds, interleaved")
+        parser.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: torch's choice)")
+        parser.add_argument(
+            "--cpu-time",
+            action="store_true",
+            help="time by this process's CPU time: with --threads 1, other load on the machine cannot inflate it",
+        )
 
     args = parse_args(__doc__, extra)
     if args.quick:
-        args.image_size, args.batch_size, args.calls, args.batch_calls = 64, 4, 3, 1
+        args.image_size, args.batch_size, args.calls, args.batch_calls, args.rounds = 64, 4, 3, 1, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.manual_seed(0)
     model = models.resnet18(num_classes=10).eval()
     size = args.image_size
@@ -86,13 +88,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         predicts = runtimes(model, torch.randn(2, 3, size, size), Path(tmp), args.quick)
         reference = predicts["eager"](batch)
-        figures = {}
         for name, predict in predicts.items():
             # Warm-up: first calls compile, allocate and tune; also a check that the runtime is the same model.
             for images in (one, one, batch):
                 out = predict(images)
             torch.testing.assert_close(out, reference, atol=1e-3, rtol=1e-3, msg=f"{name} disagrees with eager")
-            figures[name] = (latency_ms(predict, one, args.calls), throughput(predict, batch, args.batch_calls))
+        # Rounds that visit every runtime in turn, so a change in the machine's load hits them all alike.
+        single: dict[str, list[float]] = {name: [] for name in predicts}
+        batched: dict[str, list[float]] = {name: [] for name in predicts}
+        for _ in range(args.rounds):
+            for name, predict in predicts.items():
+                single[name] += timed_calls(predict, one, max(1, args.calls // args.rounds), clock)
+                batched[name] += timed_calls(predict, batch, max(1, args.batch_calls // args.rounds), clock)
+    # Latency: the median call, which ignores the odd call another process interrupts. Throughput: all calls.
+    figures = {
+        name: (1000 * statistics.median(single[name]), len(batched[name]) * len(batch) / sum(batched[name]))
+        for name in predicts
+    }
     eager_ms, eager_ips = figures["eager"]
     rows = []
     for name, (ms, _) in figures.items():
@@ -100,9 +112,12 @@ def main() -> None:
     for name, (_, ips) in figures.items():
         rows.append(Row(f"{name}: batch-{args.batch_size} throughput", ips, "images/s", ips / eager_ips))
     print_report(
-        f"Inference: resnet18, {size} px, fp32, {torch.get_num_threads()} threads",
+        f"Inference: resnet18, {size} px, fp32, {torch.get_num_threads()} thread(s)",
         rows,
-        notes=["Ratios are to eager PyTorch (torch.inference_mode) measured in the same run."],
+        notes=[
+            "Ratios are to eager PyTorch (torch.inference_mode) measured in the same run; times are "
+            + ("CPU time of this process." if args.cpu_time else "wall-clock.")
+        ],
     )
 
 

@@ -23,6 +23,7 @@ from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.splits import DataSplits, discover
 from retrain.model.module import ClassifierModule
 from retrain.model.resnet import build_resnet
+from retrain.report import _unfreeze_milestones
 from retrain.reporting.build import REPORT_FILES, Predictions, ReportInputs, write_report
 from retrain.reporting.metrics import confident_errors
 from retrain.reporting.plots import plot_confusion
@@ -207,8 +208,6 @@ def test_test_metrics_reach_report_md_after_fit(fitted) -> None:
 
 
 def test_rebuild_without_a_report_takes_milestones_from_the_unfreeze_summary() -> None:
-    from retrain.report import _unfreeze_milestones
-
     rows = [
         {"epoch": 0, "trainable": ["fc"]},
         {"epoch": 1, "trainable": ["fc"]},

@@ -92,7 +92,7 @@ class RunReport(L.Callback):
         """Score the split with the best weights and write the report (rank 0 only)."""
         if not trainer.is_global_zero:
             return
-        if trainer.fast_dev_run:  # a smoke test: like checkpoints and loggers, the report is skipped
+        if getattr(trainer, "fast_dev_run", False):  # a smoke test: like checkpoints and loggers, the report is skipped
             log.info("fast_dev_run: no report written")
             return
         module = cast(ClassifierModule, pl_module)

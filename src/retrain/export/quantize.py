@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -115,20 +116,18 @@ def save_int8(converted: GraphModule, example: torch.Tensor, path: Path, metadat
     program = torch.export.export(converted, (example,), dynamic_shapes=(batch_dim(),), strict=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Compiled next to the target and moved into place, so a failure never leaves half a package.
-    fd, tmp = tempfile.mkstemp(suffix=".pt2", prefix=f".{path.stem}.", dir=path.parent)
-    os.close(fd)
+    # Compiled in a hidden folder beside the target and moved into place, so a failure never leaves half a
+    # package. The package's inner folder takes the file's name, hence the same name in the temp folder.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         with torch.no_grad():
             torch._inductor.aoti_compile_and_package(
                 program,
-                package_path=tmp,
+                package_path=str(staging / path.name),
                 # freezing folds the weights so Inductor can prepack them for oneDNN's int8 kernels.
                 inductor_configs={"freezing": True, "aot_inductor.metadata": metadata},
             )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        os.replace(staging / path.name, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -11,6 +11,7 @@ Decisions:
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -190,6 +191,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine while timing
         **versions,
     }
 
@@ -207,7 +209,10 @@ def table(report: dict[str, Any]) -> str:
             f"| {row['speedup_b1']:.2f}x / {row['speedup_b32']:.2f}x |"
         )
     m = report["machine"]
-    lines.append(f"\nCPU: {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}")
+    lines.append(
+        f"\nCPU: {m['cpu']} ({m['cpu_capability']}), torch threads: {m['threads']}, load average {m['load_avg_1m']}, "
+        f"torch {m['torch']}"
+    )
     for check in report["targets"]:
         verdict = "met" if check["met"] else "MISSED"
         lines.append(f"- {check['name']}: {check['measured']:.4g} (target {check['target']}): {verdict}")

@@ -39,6 +39,8 @@ NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "int8": ("torchao",)}
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Write the requested formats, verify and time each through its own runtime, and write export_report.json."""
     formats = _formats(cfg.formats)
+    if cfg.export.bench.threads:
+        torch.set_num_threads(int(cfg.export.bench.threads))
     source = str(cfg.ckpt_path)
     model_dir = Path(cfg.paths.model_dir)
     module, meta = load_classifier(source, model_dir=model_dir, allow_pickle=cfg.allow_pickle)
