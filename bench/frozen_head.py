@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 import torchvision
+from _machine import Row, parse_args, print_report, ratio
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -155,21 +155,8 @@ def retrain_loop(start: ResNet, setup: Setup, dtype: str) -> tuple[float, float,
     return seconds, float(trainer.callback_metrics["val/acc"]), cache.summary()
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name, for the table's machine line."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main() -> None:
-    """Build (or reuse) the image set, time both loops, print the table."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 10 images per class at 64 px, 3 epochs")
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags, next to the shared --quick."""
     parser.add_argument("--root", type=Path, help="ImageFolder with train/ and val/ (default: generated tints)")
     parser.add_argument("--per-class", type=int, default=80, help="generated images per class (6 classes)")
     parser.add_argument("--image-size", type=int, default=224)
@@ -179,8 +166,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="cached feature type")
     parser.add_argument("--init-from", help="starting weights, e.g. IMAGENET1K_V1 (default: seeded random init)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.quick:
+
+
+def main() -> None:
+    """Build (or reuse) the image set, time both loops, print the table."""
+    args = parse_args(__doc__, extra=add_flags)
+    if args.quick:  # 60 images at 64 px, 3 epochs: checks the script, the numbers mean nothing
         args.per_class, args.image_size, args.epochs = 10, 64, 3
     root = args.root or build_tinted_set(
         REPO / "data" / "bench" / f"tints-{args.per_class}x{args.image_size}-seed{args.seed}",
@@ -194,27 +185,25 @@ def main() -> None:
     setup = Setup(root, args.image_size, args.batch_size, args.epochs, args.workers, args.seed)
     plain_s, plain_acc = plain_loop(start, setup)
     ours_s, ours_acc, cache = retrain_loop(start, setup, args.dtype)
-    storage = cache["splits"]["train"]["storage"]
-    print(
-        f"Frozen-head fine-tuning, {args.epochs} epochs: {sizes['train']} train + {sizes['val']} val images "
-        f"({args.root or 'generated, 6 colour-tint classes'}) at {args.image_size} px, batch {args.batch_size}, "
-        f"{args.workers} loader worker(s), backbone {args.init_from or f'random init (seed {args.seed})'}.\n"
-    )
-    print(f"| loop | wall time, {args.epochs} epochs | val acc |")
-    print("| --- | ---: | ---: |")
-    print(
-        f"| plain PyTorch: requires_grad=False, new fc, SGD(fc, lr=0.001, momentum=0.9) | {plain_s:.1f} s | "
-        f"{100 * plain_acc:.1f}% |"
-    )
-    print(
-        f"| retrain, `model.feature_cache` ({cache['dtype']}, {'in memory' if storage == 'memory' else 'memmap'}) "
-        f"| {ours_s:.1f} s | {100 * ours_acc:.1f}% |"
-    )
-    print(f"| **ratio** | **{plain_s / ours_s:.1f}x less wall time** | {100 * (ours_acc - plain_acc):+.1f} points |")
-    print(
-        f"\nMachine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), torchvision {torchvision.__version__}, lightning {L.__version__}, "
-        f"Python {platform.python_version()}."
+    storage = "in memory" if cache["splits"]["train"]["storage"] == "memory" else "memory-mapped"
+    epochs = f"{args.epochs} epochs"
+    ours = f"retrain, feature cache ({cache['dtype']}, {storage})"
+    rows = [
+        Row(f"plain PyTorch loop: wall time, {epochs}", plain_s, "s", 1.0),
+        Row(f"{ours}: wall time, {epochs}", ours_s, "s", ratio(ours_s, plain_s), f"{plain_s / ours_s:.1f}x less"),
+        Row("plain PyTorch loop: val accuracy", f"{100 * plain_acc:.1f}%"),
+        Row(f"{ours}: val accuracy", f"{100 * ours_acc:.1f}%", note=f"{100 * (ours_acc - plain_acc):+.1f} points"),
+    ]
+    data = args.root or "generated: 6 classes told apart by colour tint under noise"
+    backbone = args.init_from or f"random init (seed {args.seed})"
+    print_report(
+        "Frozen-head fine-tuning: feature cache vs the plain loop",
+        rows,
+        notes=[
+            f"{sizes['train']} train + {sizes['val']} val images ({data}) at {args.image_size} px, batch "
+            f"{args.batch_size}, {args.workers} loader worker(s), backbone {backbone}; plain loop: "
+            "requires_grad=False, new fc, SGD(fc, lr=0.001, momentum=0.9); both validate every epoch, save nothing.",
+        ],
     )
 
 

@@ -164,7 +164,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pruning = prune_from_config(net, cfg.model.prune.amount, cfg.model.prune.method)  # None: no pruning
     qat = cfg.get("qat")  # set by experiment=qat
     if qat is not None:
-        net = start_qat(net, cfg, frozen=frozen, image_size=datamodule.preprocessing["crop"], resuming=resumed is not None)
+        net = start_qat(
+            net, cfg, frozen=frozen, image_size=datamodule.preprocessing["crop"], resuming=resumed is not None
+        )
     if resumed is not None and pruning is None and qat is None:  # those two change the model's keys
         # Lightning's strict load would fail only later, with a raw traceback; this names the keys that differ.
         load_weights(net, resumed.state_dict, source=str(resume_path), replace_head=False)
