@@ -115,7 +115,7 @@ def main() -> None:
         for name in CONFIGS
     }
     rows = [
-        Row(f"model-bound (synthetic batch on the GPU), plain loop, {name}", ips, "images/s", ips / bound["fp32"])
+        Row(f"model-bound (synthetic batch on the device), plain loop, {name}", ips, "images/s", ips / bound["fp32"])
         for name, ips in bound.items()
     ]
     if not args.skip_e2e:

@@ -119,4 +119,6 @@ def composed(tmp_path: Path, *overrides: str, config: str = "train") -> DictConf
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run: the task sees its config, Hydra's own node lives in HydraConfig
     return cfg

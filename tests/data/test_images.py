@@ -142,9 +142,7 @@ def test_small_images_take_the_plain_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("size", [(4000, 3000), (500, 375)])
-def test_fast_decode_matches_the_reference_through_the_eval_pipeline(
-    tmp_path: Path, size: tuple[int, int]
-) -> None:
+def test_fast_decode_matches_the_reference_through_the_eval_pipeline(tmp_path: Path, size: tuple[int, int]) -> None:
     path = tmp_path / "photo.jpg"
     photo(*size).save(path, quality=90)
     pre = preprocessing(224)

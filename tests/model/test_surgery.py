@@ -42,9 +42,7 @@ def _meta_state_dict(arch: str, **kwargs: int) -> dict[str, torch.Tensor]:
 def _train(model: nn.Module, frozen: Iterable[str], *, train_bn: bool, steps: int = 3) -> None:
     """A few SGD steps on random 32-px images, following the module's train() -> set_bn_mode order."""
     frozen = list(frozen)
-    optimizer = torch.optim.SGD(
-        param_groups(model, lr=0.1, weight_decay=1e-4, stage_lr_mult=0.5), lr=0.1, momentum=0.9
-    )
+    optimizer = torch.optim.SGD(param_groups(model, lr=0.1, weight_decay=1e-4, stage_lr_mult=0.5), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         model.train()
@@ -337,10 +335,7 @@ def test_describe_wide_variant_and_headless_and_non_resnet() -> None:
     headless = {k: v for k, v in _meta_state_dict("resnet18").items() if not k.startswith("fc.")}
     assert "no fc.weight" in describe_state_dict(headless)
     other = {"encoder.weight": torch.zeros(2), "decoder.bias": torch.zeros(2)}
-    assert (
-        describe_state_dict(other)
-        == "this does not look like a ResNet (first keys: encoder.weight, decoder.bias)"
-    )
+    assert describe_state_dict(other) == "this does not look like a ResNet (first keys: encoder.weight, decoder.bias)"
 
 
 def test_head_num_classes() -> None:

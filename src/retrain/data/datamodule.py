@@ -119,6 +119,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.dataset(split),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
+            drop_last=shuffle,  # a last train batch of one image breaks BatchNorm
             num_workers=workers,
             pin_memory=self._pin(),
             persistent_workers=self.persistent_workers and workers > 0,

@@ -12,7 +12,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENT_PRESETS = ("none", "light", "strong")
 # The smallest RandomResizedCrop area of each preset: draft decoding must keep enough pixels for it.
-MIN_CROP_SCALE = {"none": 1.0, "light": 0.35, "strong": 0.08}
+MIN_CROP_SCALE = {"none": 1.0, "light": 0.6, "strong": 0.08}
 
 
 def preprocessing(image_size: int = 224) -> dict[str, Any]:

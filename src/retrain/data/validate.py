@@ -83,8 +83,7 @@ class ValidationReport:
         splits = ", ".join(f"{split} {len(names)}" for split, names in self.class_names.items())
         lines = [
             f"Data folder: {self.root}",
-            f"{self.layout} layout, classes: {splits or 'none'}; "
-            f"{self.n_files} image files checked ({self.mode} mode)",
+            f"{self.layout} layout, classes: {splits or 'none'}; {self.n_files} image files checked ({self.mode} mode)",
         ]
         counts = self.counts()
         if not counts:
@@ -219,13 +218,9 @@ class _Survey:
                 continue
             other = set(class_names[split])
             for name in sorted(train - other):
-                self.add(
-                    folders[split] / name, MISSING_CLASS, f"class {name!r} is in train/ but not in {split}/"
-                )
+                self.add(folders[split] / name, MISSING_CLASS, f"class {name!r} is in train/ but not in {split}/")
             for name in sorted(other - train):
-                self.add(
-                    folders["train"] / name, MISSING_CLASS, f"class {name!r} is in {split}/ but not in train/"
-                )
+                self.add(folders["train"] / name, MISSING_CLASS, f"class {name!r} is in {split}/ but not in train/")
 
     def check_leakage(self, good: list[tuple[str, str, Path]], pool: ThreadPoolExecutor) -> None:
         # Only files whose size occurs in two splits can be equal, so most files are never hashed.

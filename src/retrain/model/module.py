@@ -156,6 +156,12 @@ class ClassifierModule(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
+        if getattr(self.scheduler_factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR:
+            # One-cycle steps every batch and peaks at each stage's own learning rate.
+            total = int(self.trainer.estimated_stepping_batches)
+            peaks = [group["lr"] for group in optimizer.param_groups]
+            one_cycle = self.scheduler_factory(optimizer, max_lr=peaks, total_steps=total)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": one_cycle, "interval": "step"}}
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 

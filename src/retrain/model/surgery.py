@@ -23,8 +23,7 @@ from retrain.model.resnet import STAGES, stage_of
 BACKBONE = STAGES[:-1]
 HEAD_KEYS = ("fc.weight", "fc.bias")
 _FREEZE_HOWTO = (
-    "Write e.g. `model.freeze=[stem,layer1]`, `model.freeze=true` (every stage but fc) "
-    "or `model.freeze=false`."
+    "Write e.g. `model.freeze=[stem,layer1]`, `model.freeze=true` (every stage but fc) or `model.freeze=false`."
 )
 _SHOWN_KEYS = 8  # per category in an error, so a wholly wrong file gives a readable message
 _ARCH_OF_LAYOUT = {
@@ -45,8 +44,7 @@ def _check_stages(names: Iterable[Any], key: str) -> list[str]:
             close = difflib.get_close_matches(str(name), STAGES, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"{key}: unknown stage {name!r}; expected names from {', '.join(STAGES)}.{hint} "
-                f"{_FREEZE_HOWTO}"
+                f"{key}: unknown stage {name!r}; expected names from {', '.join(STAGES)}.{hint} {_FREEZE_HOWTO}"
             )
     return [stage for stage in STAGES if stage in wanted]
 
@@ -111,10 +109,7 @@ def set_bn_mode(model: nn.Module, frozen: Iterable[str], train_bn: bool) -> None
 
 def _stage_multipliers(spec: float | Mapping[str, float] | None) -> dict[str, float]:
     """Resolve `stage_lr_mult` into one LR multiplier per stage."""
-    howto = (
-        "Write e.g. `stage_lr_mult=0.5` (fc 1, layer4 0.5, layer3 0.25, ...) "
-        "or `stage_lr_mult={layer4: 0.5}`."
-    )
+    howto = "Write e.g. `stage_lr_mult=0.5` (fc 1, layer4 0.5, layer3 0.25, ...) or `stage_lr_mult={layer4: 0.5}`."
     if spec is None:
         return dict.fromkeys(STAGES, 1.0)
     if isinstance(spec, Mapping):
@@ -194,15 +189,12 @@ def _infer_layout(state_dict: Mapping[str, Any]) -> _Layout | None:
     """Find the ResNet stem and blocks in a state_dict, allowing one common key prefix; None if absent."""
     keys = [key for key in state_dict if isinstance(key, str)]
     # The shortest prefix wins, so `model.conv1.weight` beats `model.layer1.0.conv1.weight`.
-    candidates = sorted(
-        (key[: -len("conv1.weight")] for key in keys if key.endswith("conv1.weight")), key=len
-    )
+    candidates = sorted((key[: -len("conv1.weight")] for key in keys if key.endswith("conv1.weight")), key=len)
     prefix = next(
         (
             p
             for p in candidates
-            if (p == "" or p.endswith("."))
-            and isinstance(state_dict.get(f"{p}layer1.0.conv1.weight"), torch.Tensor)
+            if (p == "" or p.endswith(".")) and isinstance(state_dict.get(f"{p}layer1.0.conv1.weight"), torch.Tensor)
         ),
         None,
     )
@@ -214,9 +206,7 @@ def _infer_layout(state_dict: Mapping[str, Any]) -> _Layout | None:
         pattern = re.compile(rf"{re.escape(prefix)}layer{layer}\.(\d+)\.")
         counts.append(len({match.group(1) for key in keys if (match := pattern.match(key))}))
     fc_weight = state_dict.get(f"{prefix}fc.weight")
-    num_classes = (
-        int(fc_weight.shape[0]) if isinstance(fc_weight, torch.Tensor) and fc_weight.ndim == 2 else None
-    )
+    num_classes = int(fc_weight.shape[0]) if isinstance(fc_weight, torch.Tensor) and fc_weight.ndim == 2 else None
     return _Layout(
         prefix=prefix,
         block=block,
@@ -268,8 +258,7 @@ def describe_state_dict(state_dict: object) -> str:
     if layout.prefix:
         p = layout.prefix
         parts.append(
-            f"keys are prefixed with `{p}`; strip the prefix with "
-            f"`{{k.removeprefix('{p}'): v for k, v in sd.items()}}`"
+            f"keys are prefixed with `{p}`; strip the prefix with `{{k.removeprefix('{p}'): v for k, v in sd.items()}}`"
         )
     return "; ".join(parts)
 
@@ -285,9 +274,7 @@ def _head_swap(state_dict: Mapping[str, Any], target: Mapping[str, torch.Tensor]
     weight, bias = state_dict.get("fc.weight"), state_dict.get("fc.bias")
     model_weight = target.get("fc.weight")
     if not (
-        isinstance(weight, torch.Tensor)
-        and isinstance(bias, torch.Tensor)
-        and isinstance(model_weight, torch.Tensor)
+        isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and isinstance(model_weight, torch.Tensor)
     ):
         return None
     fits_backbone = weight.ndim == 2 and weight.shape[1] == model_weight.shape[1]
@@ -324,8 +311,7 @@ def _mismatch_error(
         fixes.append(f"strip the `{file_layout.prefix}` prefix as shown")
     if file_layout and model_layout and file_layout.arch and model_layout.arch != file_layout.arch:
         fixes.append(
-            f"set `model.arch={file_layout.arch}` to match the file, or load weights saved from "
-            f"a {model_layout.arch}"
+            f"set `model.arch={file_layout.arch}` to match the file, or load weights saved from a {model_layout.arch}"
         )
     if not fixes:
         fixes.append("load weights saved from the same architecture, with torchvision's key names")
@@ -352,13 +338,10 @@ def load_weights(
     """
     if not isinstance(state_dict, Mapping):
         raise ArtifactError(
-            f"{source}: expected a state_dict (a mapping of names to tensors); "
-            f"{describe_state_dict(state_dict)}."
+            f"{source}: expected a state_dict (a mapping of names to tensors); {describe_state_dict(state_dict)}."
         )
     target = model.state_dict()
-    not_tensors = [
-        key for key in target if key in state_dict and not isinstance(state_dict[key], torch.Tensor)
-    ]
+    not_tensors = [key for key in target if key in state_dict and not isinstance(state_dict[key], torch.Tensor)]
     missing = [key for key in target if key not in state_dict and not key.endswith(".num_batches_tracked")]
     unexpected = [str(key) for key in state_dict if key not in target]
     head = _head_swap(state_dict, target) if replace_head else None

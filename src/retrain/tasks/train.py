@@ -350,4 +350,3 @@ def _publish(
         registry.abandon(reservation)
         raise
     return {"name": reservation.name, "version": reservation.version, "path": str(final)}
-
