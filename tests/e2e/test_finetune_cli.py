@@ -13,6 +13,9 @@ from retrain.tuning import lr_set_by_user
 
 pytestmark = pytest.mark.e2e
 QUICK = (*FAST, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false", "save.publish=false")
+# One checkpoint per epoch: Lightning refreshes last.ckpt only in epochs that save a top-k one, and on tiny data the
+# monitored accuracy often ties.
+EVERY_EPOCH = "callbacks.checkpoint.save_top_k=-1"
 SCHEDULE = "callbacks.unfreeze.schedule=[0:fc,2:layer4,3:layer3]"
 
 
@@ -20,8 +23,9 @@ def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _last(result) -> Path:
-    return result.runs()[-1] / "checkpoints" / "last.ckpt"
+def _epoch(result, epoch: int) -> Path:
+    """The checkpoint taken after `epoch` in the newest run."""
+    return next((result.runs()[-1] / "checkpoints").glob(f"*-epoch{epoch:03d}-*.ckpt"))
 
 
 def test_resume_after_an_unfreeze_milestone_matches_an_uninterrupted_run(tmp_path: Path, imagefolder: Path) -> None:
@@ -31,6 +35,7 @@ def test_resume_after_an_unfreeze_milestone_matches_an_uninterrupted_run(tmp_pat
         SCHEDULE,
         "model.scheduler.T_max=4",  # the same cosine schedule in both runs
         "trainer.deterministic=true",
+        EVERY_EPOCH,
         *QUICK,
     )
     (tmp_path / "straight").mkdir()
@@ -39,11 +44,11 @@ def test_resume_after_an_unfreeze_milestone_matches_an_uninterrupted_run(tmp_pat
     assert_ok(straight)
     first = run_cli("train.py", *common, "trainer.max_epochs=3", cwd=tmp_path / "split")
     assert_ok(first)
-    stopped = _last(first)
+    stopped = _epoch(first, 2)
     resumed = run_cli("train.py", *common, "trainer.max_epochs=4", f"ckpt_path={stopped}", cwd=tmp_path / "split")
     assert_ok(resumed)
 
-    a, b, mid = _ckpt(_last(straight)), _ckpt(_last(resumed)), _ckpt(stopped)
+    a, b, mid = _ckpt(_epoch(straight, 3)), _ckpt(_epoch(resumed, 3)), _ckpt(stopped)
     assert a["epoch"] == b["epoch"] == 3 and mid["epoch"] == 2
     diff = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item() for k in a["state_dict"])
     assert diff <= 1e-6
@@ -72,6 +77,7 @@ def test_ddp_ranks_agree_after_a_stage_unfreezes_mid_run(tmp_path: Path, imagefo
         "trainer.max_epochs=2",
         "callbacks=unfreeze",
         "callbacks.unfreeze.schedule=[0:fc,1:layer4]",
+        EVERY_EPOCH,
         *FAST,
         "test=false",
         "save.publish=false",
@@ -81,9 +87,7 @@ def test_ddp_ranks_agree_after_a_stage_unfreezes_mid_run(tmp_path: Path, imagefo
     assert_ok(result)
     checksums = result.results()["unfreeze"]["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
-    checkpoints = result.runs()[-1] / "checkpoints"
-    epoch0 = _ckpt(next(checkpoints.glob("*-epoch000-*.ckpt")))["state_dict"]
-    final = _ckpt(checkpoints / "last.ckpt")["state_dict"]
+    epoch0, final = _ckpt(_epoch(result, 0))["state_dict"], _ckpt(_epoch(result, 1))["state_dict"]
     assert not torch.equal(epoch0["model.layer4.1.conv2.weight"], final["model.layer4.1.conv2.weight"])
     for key in ("model.conv1.weight", "model.bn1.running_mean", "model.layer3.1.bn2.running_var"):
         assert torch.equal(epoch0[key], final[key]), f"{key} changed although its stage stayed frozen"

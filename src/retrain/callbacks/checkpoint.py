@@ -53,6 +53,14 @@ class VersionedCheckpoint(ModelCheckpoint):
             metric = f"-{self.monitor.replace('/', '_')}{{{self.monitor}:.4f}}"
         self.filename = f"{name}-v{version:03d}-{day}-epoch{{epoch:03d}}{metric}"
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refresh last.ckpt after every validation, also when no top-k file was written (Lightning skips it then,
+        so `ckpt_path=last` would resume from an older epoch after a tie in the monitored metric)."""
+        super().on_validation_end(trainer, pl_module)
+        skip = self._should_skip_saving_checkpoint(trainer) or self._should_save_on_train_epoch_end(trainer)
+        if self.save_last and not skip:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Share rank 0's stamp with every rank before any path is computed."""
         super().setup(trainer, pl_module, stage)

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from retrain.model.surgery import param_groups, set_bn_mode
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+SchedulerFactory = Callable[..., Any]  # (optimizer, **extra): one-cycle also takes max_lr and total_steps
 
 
 def _metrics(num_classes: int) -> MetricCollection:
