@@ -53,12 +53,22 @@ class VersionedCheckpoint(ModelCheckpoint):
             metric = f"-{self.monitor.replace('/', '_')}{{{self.monitor}:.4f}}"
         self.filename = f"{name}-v{version:03d}-{day}-epoch{{epoch:03d}}{metric}"
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save as Lightning does, then make sure last.ckpt is this epoch's (see `_refresh_last`)."""
+        super().on_train_epoch_end(trainer, pl_module)
+        self._refresh_last(trainer, at_train_epoch_end=True)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Refresh last.ckpt after every validation, also when no top-k file was written (Lightning skips it then,
-        so `ckpt_path=last` would resume from an older epoch after a tie in the monitored metric)."""
+        """Save as Lightning does, then make sure last.ckpt is this epoch's (see `_refresh_last`)."""
         super().on_validation_end(trainer, pl_module)
-        skip = self._should_skip_saving_checkpoint(trainer) or self._should_save_on_train_epoch_end(trainer)
-        if self.save_last and not skip:
+        self._refresh_last(trainer, at_train_epoch_end=False)
+
+    def _refresh_last(self, trainer: L.Trainer, *, at_train_epoch_end: bool) -> None:
+        # Lightning rewrites last.ckpt only when a top-k file was written in the same step, so after a tie in the
+        # monitored metric `ckpt_path=last` would resume from an older epoch.
+        if not self.save_last or self._should_skip_saving_checkpoint(trainer):
+            return
+        if self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
