@@ -18,7 +18,7 @@ class RaiseOnRank(L.Callback):
     The other ranks are then waiting for this one in the gradient all-reduce: a hang unless failures spread.
     """
 
-    def __init__(self, rank: int, stamp: str, batch: int = 1) -> None:
+    def __init__(self, rank: int, stamp: str, batch: int = 0) -> None:
         self.rank = rank
         self.stamp = Path(stamp)
         self.batch = batch

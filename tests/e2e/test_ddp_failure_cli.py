@@ -76,5 +76,5 @@ def test_an_error_on_rank_1_ends_every_rank_with_that_error_shown(tmp_path: Path
     assert ended - float(stamp.read_text()) < DEADLINE_S
     assert survivors == [], "a rank outlived the launcher"
     assert proc.returncode != 0
-    assert "RuntimeError: injected failure on rank 1 at batch 1" in output
+    assert "RuntimeError: injected failure on rank 1 at batch 0" in output
     assert list_versions(tmp_path / "models") == []  # a failed run publishes nothing
