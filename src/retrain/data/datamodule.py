@@ -18,7 +18,7 @@ from retrain.data.transforms import MIN_CROP_SCALE, eval_transforms, preprocessi
 
 
 class ImageListDataset(Dataset):
-    """(path, label) samples read with the project's robust RGB loader; the index is returned for feature caching."""
+    """(path, label) samples read with the project's robust RGB loader (EXIF, every colour mode, JPEG draft)."""
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, min_size: int | None = None) -> None:
         self.samples = samples
