@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,12 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from retrain.data.datamodule import ImageFolderDataModule
+from retrain.data.demo import build_demo_dataset
+from retrain.data.images import IMAGE_PROBLEM_KINDS
 from retrain.data.splits import DataSplits, discover, load_recorded
-from retrain.errors import ConfigError
+from retrain.data.validate import ERROR_KINDS, ValidationReport, raise_for_bad_files, scan
+from retrain.errors import ConfigError, DataError
+from retrain.utils.ranks import is_rank_zero
 
 log = logging.getLogger("retrain")
 
@@ -25,6 +30,7 @@ DATAMODULE_KEYS = (
     "persistent_workers",
     "prefetch_factor",
     "fast_decode",
+    "decode_cache",
 )
 
 
@@ -45,6 +51,36 @@ def find_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None) ->
         test_fraction=recorded.get("test_fraction", data_cfg.test_fraction),
         seed=recorded.get("split_seed", data_cfg.split_seed),
     )
+
+
+def prepare_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None) -> tuple[DataSplits, list[str]]:
+    """The splits to train on and the bad files left out: build the demo, scan the folder, apply on_bad_file."""
+    if data_cfg.demo and is_rank_zero():
+        build_demo_dataset(Path(data_cfg.root))
+    splits = find_splits(data_cfg, recorded)
+    bad: list[str] = []
+    if data_cfg.validate != "off":
+        report = scan(Path(data_cfg.root), mode=data_cfg.validate)
+        _raise_for_structure(report)
+        bad = [str(p) for p in report.bad_files()]
+        if bad and data_cfg.on_bad_file == "error":
+            raise_for_bad_files(report)
+        if bad:
+            log.warning("skipping %d bad files (data.on_bad_file=skip); listed in bad_files.txt", len(bad))
+            splits = splits.without({os.path.abspath(p) for p in bad})
+    return splits, bad
+
+
+def _raise_for_structure(report: ValidationReport) -> None:
+    """Stop on a missing or empty class or split under either policy: skipping files cannot fix those."""
+    problems = [p for p in report.problems if p.kind in ERROR_KINDS and p.kind not in IMAGE_PROBLEM_KINDS]
+    if problems:
+        listed = "; ".join(f"{p.path}: {p.detail}" for p in problems[:10])
+        raise DataError(
+            f"{report.root} has {len(problems)} class or split problems that data.on_bad_file cannot skip: "
+            f"{listed}. Expected the same non-empty class folders in every split. Fix: add images to the empty "
+            f"classes or remove them from every split; `python -m retrain.data.validate {report.root}` lists all."
+        )
 
 
 def make_datamodule(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +14,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from retrain.artifacts import registry
-from retrain.artifacts.formats import (
-    Artifact,
-    read_artifact,
-    save_full_model,
-    save_safetensors,
-    save_weights_pth,
-)
-from retrain.artifacts.metadata import new_metadata, sha256_file, write_json
+from retrain.artifacts.formats import Artifact, read_artifact
+from retrain.artifacts.metadata import new_metadata, write_json
+from retrain.artifacts.publish import publish_version
 from retrain.artifacts.sources import load_source, parent_record
 from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
 from retrain.callbacks.preemption import exit_preempted
 from retrain.callbacks.report import finish_report
 from retrain.callbacks.unfreeze import ProgressiveUnfreeze
-from retrain.data.demo import build_demo_dataset
-from retrain.data.images import IMAGE_PROBLEM_KINDS
-from retrain.data.validate import ERROR_KINDS, ValidationReport, raise_for_bad_files, scan
-from retrain.errors import ConfigError, DataError
+from retrain.errors import ConfigError
 from retrain.export.metadata import deploy_info
 from retrain.export.prune import make_permanent, prune_from_config
 from retrain.export.qat import finish_qat, start_qat
@@ -42,11 +32,11 @@ from retrain.model.resnet import build_resnet
 from retrain.model.surgery import apply_freeze, load_weights, parse_freeze
 from retrain.reporting.tracking import log_run_facts
 from retrain.tasks.common import (
-    find_splits,
     make_callbacks,
     make_datamodule,
     make_loggers,
     plain,
+    prepare_splits,
     single_device_trainer,
 )
 from retrain.tuning import find_lr, lr_set_by_user
@@ -86,40 +76,49 @@ def _parent(artifact: Artifact | None, source: str | None, how: str) -> dict[str
     return None if artifact is None else {**parent_record(str(source), artifact), "how": how}
 
 
-def _prepare_data(cfg: DictConfig, resumed: Artifact | None) -> Any:
-    if cfg.data.demo and is_rank_zero():
-        build_demo_dataset(Path(cfg.data.root))
-    recorded = ((resumed.metadata or {}).get("dataset") if resumed else None) or None
-    splits = find_splits(cfg.data, recorded)
-    bad: list[str] = []
-    if cfg.data.validate != "off":
-        report = scan(Path(cfg.data.root), mode=cfg.data.validate)
-        _raise_for_structure(report)
-        bad = [str(p) for p in report.bad_files()]
-        if bad and cfg.data.on_bad_file == "error":
-            raise_for_bad_files(report)
-        if bad:
-            log.warning("skipping %d bad files (data.on_bad_file=skip); listed in bad_files.txt", len(bad))
-            splits = splits.without({os.path.abspath(p) for p in bad})
-    return splits, bad
-
-
-def _raise_for_structure(report: ValidationReport) -> None:
-    """Stop on a missing or empty class or split under either policy: skipping files cannot fix those."""
-    problems = [p for p in report.problems if p.kind in ERROR_KINDS and p.kind not in IMAGE_PROBLEM_KINDS]
-    if problems:
-        listed = "; ".join(f"{p.path}: {p.detail}" for p in problems[:10])
-        raise DataError(
-            f"{report.root} has {len(problems)} class or split problems that data.on_bad_file cannot skip: "
-            f"{listed}. Expected the same non-empty class folders in every split. Fix: add images to the empty "
-            f"classes or remove them from every split; `python -m retrain.data.validate {report.root}` lists all."
-        )
-
-
 def _version_for_this_run(cfg: DictConfig) -> registry.Reservation | None:
     if not cfg.save.publish or not is_rank_zero():
         return None
     return registry.reserve_version(Path(cfg.paths.model_dir), str(cfg.name))
+
+
+def _init_weights(net: torch.nn.Module, model_cfg: DictConfig, model_dir: Path) -> Artifact | None:
+    """Load `model.init_from` into the new network (a new head when the class count differs); None without one."""
+    source = model_cfg.init_from
+    if source is None:
+        return None
+    artifact = load_source(
+        str(source),
+        model_dir=model_dir,
+        allow_pickle=model_cfg.allow_pickle,
+        arch=model_cfg.arch,
+        check_hash=model_cfg.check_hash,
+    )
+    head_note = load_weights(net, artifact.state_dict, source=str(source))
+    if head_note:
+        log.info(head_note)
+    return artifact
+
+
+def _module(
+    net: torch.nn.Module, cfg: DictConfig, classes: list[str], frozen: list[str], metadata: dict[str, Any]
+) -> ClassifierModule:
+    """The LightningModule with the configured optimizer, scheduler and per-stage learning rates."""
+    return ClassifierModule(
+        net,
+        classes,
+        optimizer=instantiate(cfg.model.optimizer),
+        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
+        lr=cfg.model.lr,
+        weight_decay=cfg.model.weight_decay,
+        stage_lr_mult=cfg.model.stage_lr_mult,
+        frozen=frozen,
+        train_bn=cfg.model.train_bn,
+        seed=cfg.seed,
+        channels_last=cfg.model.channels_last,
+        compile=cfg.model.compile,
+        metadata=metadata,
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -132,7 +131,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = output_dir()  # in a sweep, run_task has pointed DDP's re-launched ranks at this job (sweep_job)
     resume_path = resolve_resume(cfg)
     resumed = read_artifact(resume_path, allow_pickle=cfg.model.allow_pickle) if resume_path else None
-    splits, bad_files = _prepare_data(cfg, resumed)
+    recorded = ((resumed.metadata or {}).get("dataset") if resumed else None) or None
+    splits, bad_files = prepare_splits(cfg.data, recorded)
     datamodule = make_datamodule(splits, cfg.data)
     if cfg.trainer.get("deterministic") and datamodule.persistent_workers:
         # A persistent worker keeps one RNG stream across epochs, so after a resume it would augment differently;
@@ -142,19 +142,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     classes = splits.class_names
 
     net = build_resnet(cfg.model.arch, len(classes))
-    source = cfg.model.init_from
-    artifact = None
-    if source is not None and resumed is None:
-        artifact = load_source(
-            str(source),
-            model_dir=Path(cfg.paths.model_dir),
-            allow_pickle=cfg.model.allow_pickle,
-            arch=cfg.model.arch,
-            check_hash=cfg.model.check_hash,
-        )
-        head_note = load_weights(net, artifact.state_dict, source=str(source))
-        if head_note:
-            log.info(head_note)
+    artifact = _init_weights(net, cfg.model, Path(cfg.paths.model_dir)) if resumed is None else None
     callbacks = console.without_disabled_progress_bar(make_callbacks(cfg), cfg.trainer.enable_progress_bar)
     unfreeze = next((cb for cb in callbacks if isinstance(cb, ProgressiveUnfreeze)), None)
     frozen = parse_freeze(cfg.model.freeze)
@@ -192,7 +180,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         augment=datamodule.augment,
         config=plain(cfg),
         dataset=dataset_facts,
-        parent=_parent(resumed, str(resume_path), "resumed") or _parent(artifact, source, "init_from"),
+        parent=_parent(resumed, str(resume_path), "resumed") or _parent(artifact, cfg.model.init_from, "init_from"),
         freeze=frozen,
         train_bn=cfg.model.train_bn,
     )
@@ -200,21 +188,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metadata["prune"] = pruning
     if qat is not None:
         metadata["quantization"] = "qat"
-    module = ClassifierModule(
-        net,
-        classes,
-        optimizer=instantiate(cfg.model.optimizer),
-        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
-        lr=cfg.model.lr,
-        weight_decay=cfg.model.weight_decay,
-        stage_lr_mult=cfg.model.stage_lr_mult,
-        frozen=frozen,
-        train_bn=cfg.model.train_bn,
-        seed=cfg.seed,
-        channels_last=cfg.model.channels_last,
-        compile=cfg.model.compile,
-        metadata=metadata,
-    )
+    module = _module(net, cfg, classes, frozen, metadata)
     checkpoints = [cb for cb in callbacks if isinstance(cb, VersionedCheckpoint)]
     for cb in checkpoints:
         cb.stamp(str(cfg.name), version)
@@ -272,7 +246,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         info = deploy_info(module.metadata, f"{cfg.name}@{registry.version_dirname(version)}")
         results["qat"] = finish_qat(module.model, info, run_dir / "exports", datamodule.val_dataloader(), qat)
     if reservation is not None:
-        results["registry"] = _publish(cfg, reservation, module, best_path, results)
+        results["registry"] = publish_version(
+            reservation, module.model, module.metadata, best_path, results, full_model=cfg.save.full_model
+        )
     write_json(run_dir / "results.json", results)
     console.print_summary(results, cfg)
     return results
@@ -315,38 +291,3 @@ def _results(
         "bad_files": len(bad_files),
         "metadata": {k: module.metadata[k] for k in ("parent", "freeze", "train_bn", "preprocessing")},
     }
-
-
-def _publish(
-    cfg: DictConfig,
-    reservation: registry.Reservation,
-    module: ClassifierModule,
-    best_path: Path | None,
-    results: dict[str, Any],
-) -> dict[str, Any]:
-    """Write every format into the reserved staging folder, then move it into place as the new version."""
-    staging = reservation.staging
-    try:
-        meta = dict(module.metadata)
-        if best_path:
-            shutil.copy2(best_path, staging / "model.ckpt")
-            meta = read_artifact(best_path).metadata or meta
-            meta["checkpoint_sha256"] = sha256_file(staging / "model.ckpt")
-        meta["metrics"] = {**meta.get("metrics", {}), **results["test"]}
-        meta["results"] = {k: results[k] for k in ("monitor", "monitor_value", "best_epoch", "test")}
-        state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
-        save_weights_pth(state, staging / "weights.pth")
-        save_safetensors(state, meta, staging / "model.safetensors")
-        if cfg.save.full_model:
-            save_full_model(module.model, staging / "model_full.pt")
-        write_json(staging / "metadata.json", meta)
-        write_json(staging / "results.json", results)
-        if results.get("report"):
-            shutil.copytree(results["report"], staging / "report")
-        if results.get("qat"):
-            shutil.copytree(results["qat"]["out_dir"], staging / "exports")
-        final = registry.publish(reservation)
-    except BaseException:
-        registry.abandon(reservation)
-        raise
-    return {"name": reservation.name, "version": reservation.version, "path": str(final)}
