@@ -1,4 +1,4 @@
-"""Command line view of the model registry: ``python -m retrain.registry [--model-dir DIR] list|show``."""
+"""Command line view of the model registry: ``python -m retrain.registry [--model-dir DIR] list|show|gc``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,16 @@ from rich.console import Console
 from rich.table import Table
 
 from retrain.artifacts.metadata import read_json
-from retrain.artifacts.registry import METADATA_FILE, list_versions, resolve, version_dirname
+from retrain.artifacts.registry import (
+    DEFAULT_GC_HOURS,
+    GC_COMMAND,
+    METADATA_FILE,
+    check_reservations,
+    collect_garbage,
+    list_versions,
+    resolve,
+    version_dirname,
+)
 from retrain.errors import RetrainError
 
 # Shown first when present; other metrics follow alphabetically, up to MAX_METRIC_COLUMNS in all.
@@ -53,8 +63,41 @@ def _table(name: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _abandoned_note(model_dir: Path, name: str | None) -> str | None:
+    abandoned = sum(check.abandoned for check in check_reservations(model_dir, name))
+    if not abandoned:
+        return None
+    what = "reservation" if abandoned == 1 else "reservations"
+    return (
+        f"{abandoned} abandoned {what} (hidden .vNNN.partial folders left by killed runs) in {model_dir}. "
+        f"Remove with: {GC_COMMAND} (add --dry-run to preview)"
+    )
+
+
+def _gc(model_dir: Path, older_than_hours: float, dry_run: bool) -> None:
+    checks = collect_garbage(model_dir, older_than_hours, dry_run=dry_run)
+    for check in checks:
+        print(f"{check.action:<12} {check.reservation.name}/{check.reservation.staging.name}: {check.reason}")
+    if not checks:
+        print(f"No reservations in {model_dir}: nothing to collect.")
+        return
+    counts = Counter(check.action for check in checks)
+    what = "reservation" if len(checks) == 1 else "reservations"
+    print(f"{len(checks)} {what}: " + ", ".join(f"{n} {action}" for action, n in counts.items()) + ".")
+
+
+def _non_negative_hours(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = float("nan")
+    if not hours >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of hours >= 0, got {text!r}")
+    return hours
+
+
 def main(argv: list[str] | None = None) -> int:
-    """List the registry's versions or show one version's metadata; user errors print a message, exit 2."""
+    """List, show or garbage-collect the registry's versions; user errors print a message, exit 2."""
     parser = argparse.ArgumentParser(prog="python -m retrain.registry", description=__doc__)
     parser.add_argument(
         "--model-dir",
@@ -67,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     list_cmd.add_argument("name", nargs="?", help="only this model's versions")
     show_cmd = commands.add_parser("show", help="print one version's metadata.json")
     show_cmd.add_argument("ref", help="name@v3, name@3, name@latest or name")
+    gc_cmd = commands.add_parser("gc", help="remove reservations (.vNNN.partial) abandoned by killed runs")
+    gc_cmd.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    gc_cmd.add_argument(
+        "--older-than-hours",
+        type=_non_negative_hours,
+        default=DEFAULT_GC_HOURS,
+        metavar="H",
+        help="for owners on another host or unknown: remove when untouched this long (default: %(default)g)",
+    )
     args = parser.parse_args(argv)
     model_dir = args.model_dir or default_model_dir()
     # Piped output is not squeezed into rich's default 80 columns; tables keep their natural width.
@@ -78,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(_table(name, [row for row in rows if row["name"] == name]))
             if not rows:
                 console.print(f"No published models in {model_dir}.")
+            if note := _abandoned_note(model_dir, args.name):
+                print(note)
+        elif args.command == "gc":
+            _gc(model_dir, args.older_than_hours, args.dry_run)
         else:
             metadata = read_json(resolve(model_dir, args.ref) / METADATA_FILE)
             console.print_json(json.dumps(metadata))

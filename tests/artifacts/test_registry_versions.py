@@ -99,40 +99,32 @@ def test_concurrent_writers_never_share_a_number(tmp_path, work):
         assert latest_target(tmp_path) == f"v{workers * each:03d}"
 
 
-def test_failed_move_leaves_earlier_versions_and_latest(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        ("rename", OSError(28, "No space left on device"), r"No space left.*unchanged"),  # moving into place
+        ("replace", PermissionError(13, "Permission denied"), r"latest.*unchanged"),  # moving latest: rolled back
+    ],
+    ids=["move-fails", "latest-update-fails"],
+)
+def test_failed_publish_leaves_earlier_versions_and_latest(tmp_path, monkeypatch, call, error, match):
     publish_new(tmp_path)
     reservation = reserve_version(tmp_path, "cats")
     write_json(reservation.staging / "metadata.json", {})
 
-    def no_space(src, dst):
-        raise OSError(28, "No space left on device")
+    def fail(src, dst):
+        raise error
 
-    monkeypatch.setattr(os, "rename", no_space)
-    with pytest.raises(RegistryError, match=r"No space left.*unchanged"):
-        publish(reservation)
-    monkeypatch.undo()
-    assert latest_target(tmp_path) == "v001"
-    assert not (tmp_path / "cats" / "v002").exists()
-    assert reservation.staging.is_dir()  # kept for a retry
-    assert publish(reservation) == tmp_path / "cats" / "v002"
-    assert latest_target(tmp_path) == "v002"
-
-
-def test_failed_latest_update_rolls_the_version_back(tmp_path, monkeypatch):
-    publish_new(tmp_path)
-    reservation = reserve_version(tmp_path, "cats")
-    write_json(reservation.staging / "metadata.json", {})
-
-    def refuse(src, dst):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(RegistryError, match=r"latest.*unchanged"):
+    monkeypatch.setattr(os, call, fail)
+    with pytest.raises(RegistryError, match=match):
         publish(reservation)
     monkeypatch.undo()
     assert latest_target(tmp_path) == "v001"
     assert not (tmp_path / "cats" / "v002").exists()
     assert resolve(tmp_path, "cats@latest") == tmp_path / "cats" / "v001"
+    assert reservation.staging.is_dir()  # kept for a retry
+    assert publish(reservation) == tmp_path / "cats" / "v002"
+    assert latest_target(tmp_path) == "v002"
 
 
 def test_publish_without_metadata_is_refused(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import FAST, assert_ok, run_cli
+from clitools import FAST, CliResult, assert_ok, run_cli
 
 from retrain.tuning import lr_set_by_user
 
@@ -21,6 +21,15 @@ SCHEDULE = "callbacks.unfreeze.schedule=[0:fc,2:layer4,3:layer3]"
 
 def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _train(cwd: Path, imagefolder: Path, *overrides: str, timeout: int = 300) -> CliResult:
+    """Run train.py on the test images with the FAST settings and no publishing, and require it to succeed."""
+    result = run_cli(
+        "train.py", f"data.root={imagefolder}", *overrides, *FAST, "save.publish=false", cwd=cwd, timeout=timeout
+    )
+    assert_ok(result)
+    return result
 
 
 def _epoch(result, epoch: int) -> Path:
@@ -69,22 +78,18 @@ def test_resume_after_an_unfreeze_milestone_matches_an_uninterrupted_run(tmp_pat
 
 
 def test_ddp_ranks_agree_after_a_stage_unfreezes_mid_run(tmp_path: Path, imagefolder: Path) -> None:
-    result = run_cli(
-        "train.py",
-        f"data.root={imagefolder}",
+    result = _train(
+        tmp_path,
+        imagefolder,
         "trainer=ddp_cpu",
         "trainer.devices=2",
         "trainer.max_epochs=2",
         "callbacks=unfreeze",
         "callbacks.unfreeze.schedule=[0:fc,1:layer4]",
         EVERY_EPOCH,
-        *FAST,
         "test=false",
-        "save.publish=false",
-        cwd=tmp_path,
         timeout=400,
     )
-    assert_ok(result)
     checksums = result.results()["unfreeze"]["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     epoch0, final = _ckpt(_epoch(result, 0))["state_dict"], _ckpt(_epoch(result, 1))["state_dict"]
@@ -94,19 +99,15 @@ def test_ddp_ranks_agree_after_a_stage_unfreezes_mid_run(tmp_path: Path, imagefo
 
 
 def test_lr_finder_picks_the_lr_and_the_feature_cache_serves_every_split(tmp_path: Path, imagefolder: Path) -> None:
-    result = run_cli(
-        "train.py",
-        f"data.root={imagefolder}",
+    result = _train(
+        tmp_path,
+        imagefolder,
         "model.freeze=true",
         "data.augment=none",
         "tune.lr_find=true",
         "tune.num_training=30",
         "trainer.max_epochs=2",
-        *FAST,
-        "save.publish=false",
-        cwd=tmp_path,
     )
-    assert_ok(result)
     results = result.results()
     found = results["lr_find"]
     assert found["applied"] and found["lr"] == found["suggestion"] > 0
