@@ -41,6 +41,18 @@ def default_workers(cores: int) -> int:
     return max(0, min(8, cores - 1))
 
 
+def eval_transform(image_size: int) -> transforms.Compose:
+    """Resize, CenterCrop, ToTensor, Normalize: the by-hand preprocessing, kept here so other scripts use the same."""
+    return transforms.Compose(
+        [
+            transforms.Resize(round(image_size * 256 / 224)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+
+
 def plain_loop(
     root: Path,
     *,
@@ -56,15 +68,7 @@ def plain_loop(
     """Train resnet18 on root/train for warmup + steps batches; time the steps after the warm-up."""
     torch.manual_seed(seed)
     cuda = device.startswith("cuda")
-    transform = transforms.Compose(
-        [
-            transforms.Resize(round(image_size * 256 / 224)),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ]
-    )
-    dataset = datasets.ImageFolder(str(root / "train"), transform)
+    dataset = datasets.ImageFolder(str(root / "train"), eval_transform(image_size))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

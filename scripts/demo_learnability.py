@@ -10,6 +10,7 @@ val/acc 0.977 and 1.000 (seeds 0 and 1) at about 3 s per uncontended epoch on 2 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from torchvision import datasets, models, transforms
 
 from retrain.data.demo import build_demo_dataset
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The plain loop's preprocessing lives in bench/baseline.py; bench/ is not a package, so put it on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from baseline import MEAN, STD, eval_transform
 
 
 def loaders(root: Path, size: int, batch_size: int, workers: int, seed: int) -> tuple[DataLoader, DataLoader]:
@@ -33,16 +36,8 @@ def loaders(root: Path, size: int, batch_size: int, workers: int, seed: int) -> 
             transforms.Normalize(MEAN, STD),
         ]
     )
-    val_tf = transforms.Compose(
-        [
-            transforms.Resize(round(size * 256 / 224)),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ]
-    )
     train = datasets.ImageFolder(str(root / "train"), train_tf)
-    val = datasets.ImageFolder(str(root / "val"), val_tf)
+    val = datasets.ImageFolder(str(root / "val"), eval_transform(size))
     g = torch.Generator().manual_seed(seed)
     kw = {"num_workers": workers, "persistent_workers": workers > 0}
     return (
