@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _synthetic import photo
 from PIL import Image
 
 from retrain.data.images import (
@@ -40,18 +41,6 @@ def halves(mode: str, left: Any, right: Any, size: tuple[int, int] = (8, 4)) -> 
 
 def left_right(img: Image.Image) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return img.getpixel((0, 0)), img.getpixel((img.width - 1, img.height - 1))
-
-
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A stand-in for a photo: smooth colour regions, hard edges and sensor-like noise."""
-    rng = np.random.default_rng(seed)
-    coarse = (rng.random((height // 100 + 2, width // 100 + 2, 3)) * 255).astype(np.uint8)
-    values = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32)
-    columns = np.sign(np.sin(np.arange(width, dtype=np.float32) / (width / 37)))
-    rows = np.sign(np.sin(np.arange(height, dtype=np.float32) / (height / 23)))
-    values += 40 * np.outer(rows, columns)[..., None]
-    values += 12 * rng.standard_normal(values.shape, dtype=np.float32)
-    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
 
 
 def save_jpeg_with_orientation(path: Path, img: Image.Image, orientation: int) -> None:

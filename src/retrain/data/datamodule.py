@@ -12,7 +12,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from retrain.data.images import open_rgb
+from retrain.data.decode_cache import DecodedImageCache
+from retrain.data.images import DRAFT_MARGIN, RANDOM_CROP_DRAFT_MARGIN, open_rgb
 from retrain.data.splits import DataSplits
 from retrain.data.transforms import MIN_CROP_SCALE, eval_transforms, preprocessing, train_transforms
 
@@ -20,10 +21,17 @@ from retrain.data.transforms import MIN_CROP_SCALE, eval_transforms, preprocessi
 class ImageListDataset(Dataset):
     """(path, label) samples read with the project's robust RGB loader (EXIF, every colour mode, JPEG draft)."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable, min_size: int | None = None) -> None:
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform: Callable,
+        min_size: int | None = None,
+        margin: float = DRAFT_MARGIN,
+        cache: DecodedImageCache | None = None,
+    ) -> None:
         self.samples = samples
         self.transform = transform
-        self.load = partial(open_rgb, min_size=min_size)
+        self.load = partial(cache.open_rgb if cache else open_rgb, min_size=min_size, margin=margin)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -74,6 +82,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int | None = 2,
         fast_decode: bool = True,
+        decode_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.splits = splits
@@ -92,12 +101,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.prefetch_factor = prefetch_factor
         self.fast_decode = fast_decode
+        self.decode_cache = DecodedImageCache(decode_cache) if decode_cache else None
 
     def dataset(self, split: str) -> ImageListDataset:
         """The dataset of one split, with train augmentation only for `train`."""
         transform = self.train_transform if split == "train" else self.eval_transform
         min_size = decode_min_size(self.preprocessing, self.augment, split) if self.fast_decode else None
-        return ImageListDataset(self.splits.samples[split], transform, min_size)
+        random_crops = split == "train" and self.augment != "none"
+        margin = RANDOM_CROP_DRAFT_MARGIN if random_crops else DRAFT_MARGIN
+        return ImageListDataset(self.splits.samples[split], transform, min_size, margin, self.decode_cache)
 
     def setup(self, stage: str) -> None:
         """Share the cores out among the DDP processes of this node, unless the user set num_workers."""

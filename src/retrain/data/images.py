@@ -41,6 +41,10 @@ BACKGROUND = (255, 255, 255)
 # 0.0067, max 0.086. Time per image on one core: full decode 56 ms, 1/4 scale 26 ms, 1/8 scale 23 ms. Below
 # that the decoder cannot go: entropy decoding reads every coefficient at any scale.
 DRAFT_MARGIN = 1.4
+# Random crops resample anyway, so training only needs its smallest crop never to be upsampled: on that
+# 4000x3000 photo this lets light augmentation decode at 1/8 scale (the smallest crop still has 290 px) instead
+# of 1/4, 26 -> 23 ms per image.
+RANDOM_CROP_DRAFT_MARGIN = 1.0
 
 # Leading bytes of the formats Pillow reads: an unreadable file that starts like one is corrupt,
 # anything else is not an image at all.
@@ -53,17 +57,17 @@ def has_image_extension(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def open_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
+def open_rgb(path: str | Path, min_size: int | None = None, margin: float = DRAFT_MARGIN) -> Image.Image:
     """Load an upright 8-bit RGB image, decoding big JPEGs at 1/2, 1/4 or 1/8 scale when `min_size` allows it.
 
     `min_size` is the shorter side the transforms need (the eval resize, or the smallest random crop). The
-    decoder shrinks only while the shorter side stays >= DRAFT_MARGIN * min_size, so the antialiased resize
+    decoder shrinks only while the shorter side stays >= margin * min_size, so the antialiased resize
     after it still reduces the image. See DRAFT_MARGIN for what that costs in pixels and gains in time.
     """
     with open(path, "rb") as f:
         img = Image.open(f)
         if min_size is not None:
-            request = math.ceil(DRAFT_MARGIN * min_size)
+            request = math.ceil(margin * min_size)
             if min(img.size) >= 2 * request:  # smaller ones would decode at full scale: leave them alone
                 # A square request bounds both sides, so the shorter side keeps its bound whichever way the
                 # EXIF orientation later turns the image. Formats other than JPEG ignore draft().
