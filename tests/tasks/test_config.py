@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from clitools import composed
 from hydra.utils import instantiate
@@ -53,3 +54,16 @@ def test_trainer_presets_compose(tmp_path: Path) -> None:
     assert composed(tmp_path, "trainer=ddp_cpu").trainer.accelerator == "cpu"
     assert composed(tmp_path, "trainer=gpu", "trainer.precision=bf16-mixed").trainer.precision == "bf16-mixed"
     assert composed(tmp_path, "trainer=ddp").trainer.devices == 4
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"), (False, False, "32-true")],
+)
+def test_cpu_preset_uses_bf16_only_on_cpus_with_native_bf16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert composed(tmp_path, "trainer=cpu").trainer.precision == expected
+    assert composed(tmp_path, "trainer=cpu", "trainer.precision=32").trainer.precision == 32  # the user decides

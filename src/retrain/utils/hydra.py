@@ -31,12 +31,22 @@ def _run_id() -> str:
     return f"{now}_{os.getpid()}{secrets.token_hex(2)}"
 
 
+def cpu_precision() -> str:
+    """bf16-mixed where the CPU has native bf16 (AVX512_BF16 or AMX), else 32-true: emulated bf16 is slower."""
+    import torch  # here, so configs that never ask for it do not pay for the import
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16-mixed" if native else "32-true"
+
+
 def register_resolvers() -> None:
-    """Make `${run_id:}` (cached: one value per process) and `${abspath:PATH}` available to the configs."""
+    """Make `${run_id:}` (cached: one value per process), `${abspath:PATH}` and `${cpu_precision:}` available."""
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
     if not OmegaConf.has_resolver("abspath"):
         OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(os.path.expanduser(path)))
+    if not OmegaConf.has_resolver("cpu_precision"):  # conf/trainer/cpu.yaml
+        OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
     if not OmegaConf.has_resolver("study_storage"):  # conf/hparams_search/optuna.yaml
         OmegaConf.register_new_resolver("study_storage", study_storage)
 
