@@ -27,8 +27,8 @@ CONFIGS = {  # name: (bf16, channels_last + compile)
     "channels_last + bf16-mixed + compile": (True, True),
 }
 OVERRIDES = {
-    "fp32": ("trainer=gpu",),
-    "bf16-mixed": ("trainer=gpu", "trainer.precision=bf16-mixed"),
+    "fp32": ("trainer=gpu", "model.channels_last=false"),
+    "bf16-mixed": ("trainer=gpu", "trainer.precision=bf16-mixed", "model.channels_last=false"),
     "channels_last + bf16-mixed + compile": (
         "trainer=gpu",
         "trainer.precision=bf16-mixed",
