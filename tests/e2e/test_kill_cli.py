@@ -1,15 +1,18 @@
-"""Interrupted runs lose nothing: SIGKILL inside an epoch and inside a checkpoint write, SIGTERM, then resume.
+"""Interrupted runs lose nothing: SIGKILL inside an epoch and inside a checkpoint write, SIGTERM in fit and in the
+post-fit test, then resume.
 
-Every interruption lands at a known point without sleeps or timing. One training image is a FIFO that the test
-serves: the trainer blocks in open() until the test answers, so the test acts while training is inside a
-given epoch. RETRAIN_TEST_HOLD_WRITE pauses a checkpoint write after its temp file is complete and before
-os.replace, and tells the test so through another FIFO.
+Every interruption lands at a known point without sleeps or timing. One training image and one test image are
+FIFOs that the test serves: the trainer blocks in open() until the test answers, so the test acts while training
+is inside a given epoch, or while the test on the best checkpoint is inside its first batch.
+RETRAIN_TEST_HOLD_WRITE pauses a checkpoint write after its temp file is complete and before os.replace, and
+tells the test so through another FIFO.
 
-One chain of four runs of one model name in one folder:
+One chain of five runs of one model name in one folder:
 1. a fresh run, SIGKILLed while reading epoch 1's images (epoch 0's checkpoints exist);
 2. `ckpt_path=last`, SIGKILLed inside its first checkpoint write;
 3. `ckpt_path=last` again (run 1's last.ckpt: run 2 left none), SIGTERMed inside epoch 1;
-4. `ckpt_path=last` (run 3's last.ckpt), which finishes that epoch and the run, tests and publishes.
+4. `ckpt_path=last` (run 3's last.ckpt), which finishes that epoch and fit, then is SIGTERMed in its test;
+5. `ckpt_path=last` (run 4's last.ckpt, fit finished), which goes straight to test and publishes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,9 +137,9 @@ def killed_in_first_write(proc: subprocess.Popen, hold: Path, logs: Path) -> Ite
 
 
 def run_train(
-    cwd: Path, image: ServedImage, on_open: OnOpen, *overrides: str, hold: Path | None = None
+    cwd: Path, served: Sequence[tuple[ServedImage, OnOpen]], *overrides: str, hold: Path | None = None
 ) -> tuple[CliResult, list[Path]]:
-    """Run train.py in `cwd` while serving the image; with `hold`, kill it inside its first checkpoint write."""
+    """Run train.py in `cwd` while serving the images; with `hold`, kill it inside its first checkpoint write."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("HYDRA_FULL_ERROR", None)
     if hold is not None:
@@ -144,7 +147,9 @@ def run_train(
     command = [sys.executable, str(REPO / "train.py"), *OVERRIDES, *overrides]
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     held = killed_in_first_write(proc, hold, cwd / "logs") if hold else contextlib.nullcontext([])
-    with image.serving(proc, on_open), held as seen:
+    with contextlib.ExitStack() as serving, held as seen:
+        for image, on_open in served:
+            serving.enter_context(image.serving(proc, on_open))
         try:
             out, err = proc.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -167,7 +172,7 @@ def serve_then_kill_at(read: int) -> OnOpen:
 
 
 def serve_and_term_at(read: int) -> OnOpen:
-    """Serve the image; at its `read`-th read send SIGTERM first, so the signal lands inside that epoch."""
+    """Serve the image; at its `read`-th read send SIGTERM first, so the signal lands inside that read's batch."""
 
     def on_open(n: int, proc: subprocess.Popen) -> bool:
         if n == read:
@@ -224,6 +229,7 @@ class Stage:
     seen_in_write: list[Path]
     unloadable: dict[str, str]
     registry: dict
+    staging: list[str]  # the hidden .vNNN.partial folders of reservations left behind
     run_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -236,17 +242,22 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Stage | dict]:
     data = make_imagefolder(tmp_path_factory.mktemp("killdata") / "images")
     (data / "train" / "cat" / "001.jpg").unlink()  # 24 images with the served one: no batch of 1 for BatchNorm
     image = ServedImage(data / "train" / "cat" / "zz_served.png")
+    # 13 test images in batches of 8: the served one is read in the first batch, and a second batch follows.
+    test_image = ServedImage(data / "test" / "cat" / "zz_served.png")
     cwd = tmp_path_factory.mktemp("killwork")
     publish_first_version(cwd / "models")
     stages: dict[str, Stage | dict] = {"before": registry_state(cwd / "models")}
 
-    def stage(key: str, on_open: OnOpen, *overrides: str, hold: Path | None = None) -> None:
-        result, seen = run_train(cwd, image, on_open, f"data.root={data}", *overrides, hold=hold)
-        stages[key] = Stage(result, seen, unloadable_checkpoints(cwd / "logs"), registry_state(cwd / "models"))
+    def stage(key: str, on_open: OnOpen, *overrides: str, hold: Path | None = None, on_test: OnOpen = always) -> None:
+        served = [(image, on_open), (test_image, on_test)]
+        result, seen = run_train(cwd, served, f"data.root={data}", *overrides, hold=hold)
+        staging = sorted(p.name for p in (cwd / "models" / NAME).glob(".*.partial"))
+        stages[key] = Stage(result, seen, unloadable_checkpoints(cwd / "logs"), registry_state(cwd / "models"), staging)
 
     stage("epoch", serve_then_kill_at(read=1))
     stage("write", always, "ckpt_path=last", hold=cwd / "hold")
     stage("sigterm", serve_and_term_at(read=0), "ckpt_path=last")
+    stage("test", always, "ckpt_path=last", on_test=serve_and_term_at(read=0))
     stage("resume", always, "ckpt_path=last")
     return stages
 
@@ -274,23 +285,43 @@ def test_sigkill_inside_a_checkpoint_write_leaves_no_partial_file(chain) -> None
     assert killed.registry == chain["before"]
 
 
-def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(chain) -> None:
-    stopped = chain["sigterm"]
-    assert stopped.result.returncode == 143, stopped.result.output[-3000:]
-    assert "Stopped on SIGTERM" in stopped.result.output
-    assert "Traceback" not in stopped.result.output
+def stopped_on_sigterm(chain: dict, key: str, phase: str) -> dict:
+    """Check stage `key` stopped on SIGTERM in `phase` as a user should see it; return its results.json.
+
+    Exit 143, one log line with the command that finishes the run, results.json naming the phase and last.ckpt,
+    nothing published, and the version it had reserved dropped.
+    """
+    stopped = chain[key]
+    output = stopped.result.output
+    assert stopped.result.returncode == 143, output[-3000:]
+    assert f"Stopped on SIGTERM in {phase}" in output
+    assert "Traceback" not in output
     results = json.loads((stopped.run_dir / "results.json").read_text())
-    assert results["status"] == "preempted"
-    saved = Path(results["checkpoint"])
-    assert saved == stopped.run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(saved, map_location="cpu", weights_only=True)
+    assert results["status"] == "preempted" and results["phase"] == phase
+    assert Path(results["checkpoint"]) == stopped.run_dir / "checkpoints" / "last.ckpt"
+    assert results["resume_command"].endswith(f"name={NAME} ckpt_path=last") and results["resume_command"] in output
+    assert stopped.unloadable == {}
+    assert stopped.registry == chain["before"]
+    assert stopped.staging == chain["write"].staging  # runs 1 and 2 were SIGKILLed and left theirs for `gc`
+    return results
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(chain) -> None:
+    results = stopped_on_sigterm(chain, "sigterm", "fit")
+    checkpoint = torch.load(results["checkpoint"], map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and BATCHES < checkpoint["global_step"] <= 2 * BATCHES  # inside epoch 1
     # ckpt_path=last skipped run 2 (it saved nothing) and resumed run 1's last.ckpt.
     parent = checkpoint["retrain"]["parent"]
     assert parent["how"] == "resumed"
     assert Path(parent["path"]) == (chain["epoch"].run_dir / "checkpoints" / "last.ckpt").resolve()
-    assert stopped.unloadable == {}
-    assert stopped.registry == chain["before"]  # a stopped run publishes nothing
+
+
+def test_sigterm_in_the_test_after_fit_stops_with_143_and_says_how_to_finish(chain) -> None:
+    # Lightning's test loop raises SIGTERMException, a SystemExit without a code: unhandled, that was exit 0.
+    results = stopped_on_sigterm(chain, "test", "test")
+    # Fit had finished: the preempted epoch of run 3 was completed, not repeated.
+    checkpoint = torch.load(results["checkpoint"], map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == EPOCHS * BATCHES
 
 
 def test_ckpt_path_last_after_the_interruptions_finishes_and_publishes(chain) -> None:
@@ -298,10 +329,12 @@ def test_ckpt_path_last_after_the_interruptions_finishes_and_publishes(chain) ->
     assert resumed.result.returncode == 0, resumed.result.output[-3000:]
     results = resumed.result.results()
     assert results["status"] == "ok"
-    assert results["global_step"] == EPOCHS * BATCHES  # the preempted epoch was finished, not repeated
+    assert results["global_step"] == EPOCHS * BATCHES
     assert [row["epoch"] for row in results["history"]] == list(range(EPOCHS))
+    assert results["test"]["test/acc"] >= 0
     parent = results["metadata"]["parent"]
-    assert Path(parent["path"]) == (chain["sigterm"].run_dir / "checkpoints" / "last.ckpt").resolve()
+    assert Path(parent["path"]) == (chain["test"].run_dir / "checkpoints" / "last.ckpt").resolve()
+    assert not list(resumed.run_dir.rglob("*.ckpt"))  # fit was finished: straight to test and publish
     assert resumed.unloadable == {}
     before, after = chain["before"], resumed.registry
     assert after["v001"] == before["v001"]

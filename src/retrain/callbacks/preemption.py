@@ -1,21 +1,32 @@
-"""Preemption: on SIGTERM (what schedulers send before they kill a job), save a resumable last.ckpt and stop.
+"""Preemption: on SIGTERM (what schedulers send before they kill a job), keep what is resumable and stop with 143.
 
-Lightning 2.x already turns SIGTERM into a clean stop: its signal connector sets ``trainer.received_sigterm``,
-the loops raise ``SIGTERMException`` at the next batch boundary, and every callback's ``on_exception`` runs
-before the Trainer tears down. What it does not do is save anything; this callback does, through the
-Trainer's checkpoint IO (atomic in this project), under the name ``ckpt_path=last`` looks for.
+Lightning 2.x turns SIGTERM into a clean stop only inside its loops: while a Trainer runs, its signal connector
+sets ``trainer.received_sigterm``, the loops raise ``SIGTERMException`` at the next batch boundary, and every
+callback's ``on_exception`` runs before the Trainer tears down. It saves nothing; ``PreemptionCheckpoint`` does,
+through the Trainer's checkpoint IO (atomic in this project), under the name ``ckpt_path=last`` looks for.
+
+Outside its loops Lightning does not help: between Trainer runs SIGTERM has its default action (the process
+dies at once: no results.json, no hint, the reserved version left behind), and ``SIGTERMException`` is a
+``SystemExit`` without a code: raised by the test Trainer after fit, it would end the process with exit 0 and
+nothing published. ``Preemption`` covers the whole span from fit to publish (see its docstring).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from retrain.artifacts import registry
 from retrain.artifacts.metadata import write_json
 
 log = logging.getLogger("retrain")
@@ -46,25 +57,105 @@ class PreemptionCheckpoint(L.Callback):
             self.saved_path = self.path
 
 
-def exit_preempted(trainer: L.Trainer, callbacks: Iterable[L.Callback], run_dir: Path, name: str) -> NoReturn:
-    """After a SIGTERM stop: record it in results.json, say how to resume, exit with PREEMPTED_EXIT_CODE."""
-    saved = next((cb.saved_path for cb in callbacks if isinstance(cb, PreemptionCheckpoint) and cb.saved_path), None)
-    if trainer.is_global_zero:
-        results: dict[str, Any] = {
-            "status": "preempted",
-            "checkpoint": str(saved) if saved else None,
-            "epoch": trainer.current_epoch,
-            "global_step": trainer.global_step,
-        }
-        write_json(run_dir / "results.json", results)
-        if saved:
-            how = f"saved {saved}; resume with the same command plus name={name} ckpt_path=last"
-        else:
-            how = "no checkpoint was saved (the callbacks have no PreemptionCheckpoint); the last epoch's is kept"
-        log.warning(
-            "Stopped on SIGTERM at epoch %d, step %d: %s. Nothing was published.",
-            trainer.current_epoch,
-            trainer.global_step,
-            how,
-        )
-    raise SystemExit(PREEMPTED_EXIT_CODE)
+def preemption_checkpoint(callbacks: Iterable[L.Callback]) -> Path | None:
+    """The file a PreemptionCheckpoint saved when fit stopped on SIGTERM (None: none saved, or no such callback)."""
+    return next((cb.saved_path for cb in callbacks if isinstance(cb, PreemptionCheckpoint) and cb.saved_path), None)
+
+
+def resume_command(name: str, checkpoint: Path, overrides: Sequence[str]) -> str:
+    """The command that finishes a stopped run: its own overrides, with `name` and `ckpt_path` set to resume it.
+
+    >>> resume_command("cats", Path("runs/x/checkpoints/last.ckpt"), ["data.root=/d", "name=old", "~callbacks.report"])
+    "python train.py data.root=/d '~callbacks.report' name=cats ckpt_path=last"
+    """
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("name", "ckpt_path")]
+    # `last` finds the newest last.ckpt of this name: this run's, or the one it resumed from. Others go by path.
+    ckpt = "last" if checkpoint.name == "last.ckpt" else str(checkpoint)
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"  # as the user typed it
+    return shlex.join(["python", script, *kept, f"name={name}", f"ckpt_path={ckpt}"])
+
+
+class Preemption:
+    """From fit to publish, a SIGTERM stops the run at the next step boundary: exit 143 and a way to finish it.
+
+    While inside, SIGTERM only sets `received` (and Lightning's own flag while a Trainer runs: a Trainer chains the
+    handler it finds after its own and puts it back at teardown, so this one stays in place the whole time). The
+    run then stops in one of three places, each with results.json ``"status": "preempted"``, the cut-off ``phase``,
+    the reserved registry version abandoned, and the command that finishes the run:
+
+    - fit: Lightning's loops raise ``SIGTERMException`` between batches and ``PreemptionCheckpoint`` saves
+      last.ckpt (`stop`);
+    - test: just before it starts (`stop_if_received`), or between its batches (its loop raises
+      ``SIGTERMException``). A SIGTERM in the milliseconds while the test Trainer sets up, before Lightning's
+      handler is in, lets the test run to its end and stops the run before publish;
+    - publish: just before it starts (`stop_if_received`). Publishing itself is not cut short: it takes about a
+      second and is all or nothing, so a SIGTERM during it lets it finish, and exit 0 means published.
+
+    last.ckpt is written at the end of every epoch, so after fit the rerun (``ckpt_path=last``) skips training and
+    goes straight to test and publish. Installing the handler needs the main thread; elsewhere it is left alone.
+    """
+
+    def __init__(
+        self,
+        trainer: L.Trainer,
+        run_dir: Path,
+        name: str,
+        overrides: Sequence[str],
+        reservation: registry.Reservation | None,
+    ) -> None:
+        self.trainer = trainer
+        self.run_dir = run_dir
+        self.name = name
+        self.overrides = list(overrides)
+        self.reservation = reservation
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:  # None: the previous handler was not set from Python; the default is the safe guess
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+
+    def stop_if_received(self, phase: str, checkpoint: Path | None) -> None:
+        """Stop before `phase` starts if a SIGTERM came since fit began (one Lightning's loops did not act on)."""
+        if self.received:
+            self.stop(phase, checkpoint)
+
+    def stop(self, phase: str, checkpoint: Path | None) -> NoReturn:
+        """Abandon the reserved version, record the stop in results.json, log how to finish, exit 143."""
+        if self.reservation is not None:
+            registry.abandon(self.reservation)
+        trainer = self.trainer
+        if trainer.is_global_zero:
+            command = resume_command(self.name, checkpoint, self.overrides) if checkpoint else None
+            results: dict[str, Any] = {
+                "status": "preempted",
+                "phase": phase,
+                "checkpoint": str(checkpoint) if checkpoint else None,
+                "resume_command": command,
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+            }
+            write_json(self.run_dir / "results.json", results)
+            if command:
+                how = f"resume from {checkpoint} with: {command}"
+            else:
+                how = "start again: no checkpoint was saved (no PreemptionCheckpoint, and checkpoint.save_last=false)"
+            log.warning(
+                "Stopped on SIGTERM in %s at epoch %d, step %d; nothing was published. To finish, %s",
+                phase,
+                trainer.current_epoch,
+                trainer.global_step,
+                how,
+            )
+        raise SystemExit(PREEMPTED_EXIT_CODE)

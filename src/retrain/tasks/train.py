@@ -19,7 +19,7 @@ from retrain.artifacts.metadata import new_metadata, write_json
 from retrain.artifacts.publish import publish_version
 from retrain.artifacts.sources import load_source, parent_record
 from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
-from retrain.callbacks.preemption import exit_preempted
+from retrain.callbacks.preemption import Preemption, preemption_checkpoint
 from retrain.callbacks.report import finish_report
 from retrain.callbacks.unfreeze import ProgressiveUnfreeze
 from retrain.errors import ConfigError
@@ -74,6 +74,15 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
 def _parent(artifact: Artifact | None, source: str | None, how: str) -> dict[str, Any] | None:
     """Lineage: which file this run was initialised (`init_from`) or resumed from."""
     return None if artifact is None else {**parent_record(str(source), artifact), "how": how}
+
+
+def _resume_point(checkpoints: list[VersionedCheckpoint], resume_path: Path | None) -> Path | None:
+    """What a rerun after a SIGTERM resumes from: the last.ckpt this run wrote, else the file it resumed from.
+
+    A run that resumed a finished fit writes no checkpoint at all, and Lightning does not carry `last_model_path`
+    over from another run's folder.
+    """
+    return next((Path(cb.last_model_path) for cb in checkpoints if cb.last_model_path), resume_path)
 
 
 def _version_for_this_run(cfg: DictConfig) -> registry.Reservation | None:
@@ -216,41 +225,51 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = make_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
     log_run_facts(loggers, metadata)
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume_path)
-    except SIGTERMException:  # preempted: PreemptionCheckpoint saved last.ckpt; publish nothing
-        exit_preempted(trainer, callbacks, run_dir, str(cfg.name))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # test and publish run in rank 0 alone
-    if not trainer.is_global_zero:
-        return {}
+    # SIGTERM from here to publish stops the run at the next step boundary with exit 143 (see Preemption).
+    preemption = Preemption(trainer, run_dir, str(cfg.name), HydraConfig.get().overrides.task, reservation)
+    with preemption:
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=resume_path)
+        except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt
+            preemption.stop("fit", preemption_checkpoint(callbacks) or _resume_point(checkpoints, resume_path))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # test and publish run in rank 0 alone
+        if not trainer.is_global_zero:
+            return {}
+        last = _resume_point(checkpoints, resume_path)
 
-    best = next((cb for cb in checkpoints if cb.monitor and cb.best_model_path), None)
-    best_path = Path(best.best_model_path) if best else None
-    if best_path:  # test and publish the best weights, not the last ones
-        module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
-    if pruning:  # fold the masks in: what is tested and published is a plain ResNet with zeros
-        pruning["sparsity"] = make_permanent(module.model)
-    test_metrics: dict[str, float] = {}
-    if cfg.test:
-        out = single_device_trainer(cfg.trainer, loggers).test(module, datamodule=data, verbose=False)
-        test_metrics = {k: float(v) for k, v in out[0].items()} if out else {}
+        best = next((cb for cb in checkpoints if cb.monitor and cb.best_model_path), None)
+        best_path = Path(best.best_model_path) if best else None
+        if best_path:  # test and publish the best weights, not the last ones
+            module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
+        if pruning:  # fold the masks in: what is tested and published is a plain ResNet with zeros
+            pruning["sparsity"] = make_permanent(module.model)
+        test_metrics: dict[str, float] = {}
+        if cfg.test:
+            tester = single_device_trainer(cfg.trainer, loggers)
+            preemption.stop_if_received("test", last)
+            try:
+                out = tester.test(module, datamodule=data, verbose=False)
+            except SIGTERMException:  # the test loop stops between batches, as fit's do
+                preemption.stop("test", last)
+            test_metrics = {k: float(v) for k, v in out[0].items()} if out else {}
 
-    results = _results(cfg, module, trainer, best, test_metrics, run_dir, bad_files)
-    results["unfreeze"] = unfreeze.summary() if unfreeze else None
-    results["feature_cache"] = cache.summary() if cache else {"enabled": False, "blocked_by": cache_blockers}
-    results["lr_find"] = lr_find
-    results["report"] = finish_report(callbacks, test_metrics)
-    results["prune"] = pruning
-    if qat is not None:
-        info = deploy_info(module.metadata, f"{cfg.name}@{registry.version_dirname(version)}")
-        results["qat"] = finish_qat(module.model, info, run_dir / "exports", datamodule.val_dataloader(), qat)
-    if reservation is not None:
-        results["registry"] = publish_version(
-            reservation, module.model, module.metadata, best_path, results, full_model=cfg.save.full_model
-        )
-    write_json(run_dir / "results.json", results)
-    console.print_summary(results, cfg)
+        results = _results(cfg, module, trainer, best, test_metrics, run_dir, bad_files)
+        results["unfreeze"] = unfreeze.summary() if unfreeze else None
+        results["feature_cache"] = cache.summary() if cache else {"enabled": False, "blocked_by": cache_blockers}
+        results["lr_find"] = lr_find
+        results["report"] = finish_report(callbacks, test_metrics)
+        results["prune"] = pruning
+        if qat is not None:
+            info = deploy_info(module.metadata, f"{cfg.name}@{registry.version_dirname(version)}")
+            results["qat"] = finish_qat(module.model, info, run_dir / "exports", datamodule.val_dataloader(), qat)
+        preemption.stop_if_received("publish", last)  # from here on a SIGTERM waits for the ~1 s publish
+        if reservation is not None:
+            results["registry"] = publish_version(
+                reservation, module.model, module.metadata, best_path, results, full_model=cfg.save.full_model
+            )
+        write_json(run_dir / "results.json", results)
+        console.print_summary(results, cfg)
     return results
 
 
