@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from clitools import composed
 from hydra.utils import instantiate
 
@@ -67,3 +69,17 @@ def test_cpu_preset_uses_bf16_only_on_cpus_with_native_bf16(
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert composed(tmp_path, "trainer=cpu").trainer.precision == expected
     assert composed(tmp_path, "trainer=cpu", "trainer.precision=32").trainer.precision == 32  # the user decides
+
+
+def test_label_smoothing_softens_the_training_loss_only(tmp_path: Path) -> None:
+    cfg = composed(tmp_path, "model.label_smoothing=0.2")
+    module = ClassifierModule(build_resnet("resnet18", 3), list("abc"), label_smoothing=cfg.model.label_smoothing)
+    module.eval()  # BatchNorm on running stats: the same logits for both losses
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a Trainer
+        loss = module.training_step((images, labels), 0)
+        logits = module(images)
+    assert torch.allclose(loss, F.cross_entropy(logits, labels, label_smoothing=0.2))
+    assert not torch.allclose(loss, F.cross_entropy(logits, labels))
+    assert torch.allclose(module.criterion(logits, labels), F.cross_entropy(logits, labels))  # val/test loss

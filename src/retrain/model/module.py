@@ -65,6 +65,7 @@ class ClassifierModule(L.LightningModule):
         seed: int = 0,
         channels_last: bool | Literal["auto"] = False,
         compile: bool = False,
+        label_smoothing: float = 0.0,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -84,6 +85,8 @@ class ClassifierModule(L.LightningModule):
         self.history: list[dict[str, float]] = []  # per-epoch val metrics, kept across resume
         self._resume_epoch: int | None = None  # the epoch a checkpoint being restored continues with
         self._seeded_epoch: int | None = None
+        # Smoothing regularises training only; val/test loss stay plain cross-entropy, comparable across runs.
+        self.train_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.criterion = nn.CrossEntropyLoss()
         n = len(self.class_names)
         self.train_metrics = _metrics(n).clone(prefix="train/")
@@ -146,7 +149,7 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = self.criterion(logits, labels)
+        loss = (self.train_criterion if stage == "train" else self.criterion)(logits, labels)
         metrics.update(logits, labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))

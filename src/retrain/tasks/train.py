@@ -126,6 +126,7 @@ def _module(
         seed=cfg.seed,
         channels_last=cfg.model.channels_last,
         compile=cfg.model.compile,
+        label_smoothing=cfg.model.label_smoothing,
         metadata=metadata,
     )
 
