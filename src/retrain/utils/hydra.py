@@ -16,8 +16,10 @@ from typing import Any, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from retrain.callbacks.preemption import PREEMPTED_EXIT_CODE
 from retrain.errors import RetrainError
 from retrain.sweeps import study_storage
 from retrain.utils.cli import check_types
@@ -83,6 +85,9 @@ def run_task(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
         check_types(cfg)  # a wrong type fails here, before the task reads any data
         with sweep_job():
             results = task(cfg)
+    except SIGTERMException:  # Lightning stopped on SIGTERM where no task handles it (eval, predict, lr_find...)
+        log.warning("Stopped on SIGTERM before %s finished; its results were not written.", task.__name__)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None  # a SystemExit without a code would exit 0: "finished"
     except Exception as error:
         if HydraConfig.initialized():
             write_failure(error)

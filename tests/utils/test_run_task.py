@@ -1,0 +1,38 @@
+"""run_task: how a task's end reaches the shell (exit codes a scheduler or a `&&` chain acts on)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clitools import composed
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
+
+from retrain.callbacks.preemption import PREEMPTED_EXIT_CODE
+from retrain.errors import DataError
+from retrain.utils.hydra import run_task
+
+
+def evaluate_until_sigterm(cfg: DictConfig) -> dict[str, Any]:
+    raise SIGTERMException  # what Lightning's loops raise between batches after a SIGTERM
+
+
+def fail_on_data(cfg: DictConfig) -> dict[str, Any]:
+    raise DataError("data.root has no class folders. Fix: point it at DIR/<class>/*.")
+
+
+def test_a_sigterm_stop_in_any_task_exits_143_not_0(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # SIGTERMException is a SystemExit without a code: left alone, the process would exit 0 as if it had finished.
+    with pytest.raises(SystemExit) as stopped:
+        run_task(evaluate_until_sigterm, composed(tmp_path))
+    assert stopped.value.code == PREEMPTED_EXIT_CODE == 143
+    assert "Stopped on SIGTERM before evaluate_until_sigterm finished" in caplog.text
+
+
+def test_a_user_mistake_exits_1_with_one_paragraph(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as failed:
+        run_task(fail_on_data, composed(tmp_path))
+    assert failed.value.code == 1
+    assert "error: data.root has no class folders. Fix:" in capsys.readouterr().err
