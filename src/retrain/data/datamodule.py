@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from retrain.data.decode_cache import DecodedImageCache
 from retrain.data.images import DRAFT_MARGIN, RANDOM_CROP_DRAFT_MARGIN, open_rgb
+from retrain.data.mixing import BatchMixing
 from retrain.data.splits import DataSplits
 from retrain.data.transforms import MIN_CROP_SCALE, eval_transforms, preprocessing, train_transforms
 
@@ -83,6 +84,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         prefetch_factor: int | None = 2,
         fast_decode: bool = True,
         decode_cache: str | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__()
         self.splits = splits
@@ -102,6 +105,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.fast_decode = fast_decode
         self.decode_cache = DecodedImageCache(decode_cache) if decode_cache else None
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha or 0.0, cutmix_alpha or 0.0
+        self.mixing = BatchMixing(len(self.class_names), self.mixup_alpha, self.cutmix_alpha)
+        self.mixes_batches = self.mixing.mix is not None
 
     def dataset(self, split: str) -> ImageListDataset:
         """The dataset of one split, with train augmentation only for `train`."""
@@ -136,6 +142,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             pin_memory=self._pin(),
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            collate_fn=self.mixing if split == "train" and self.mixes_batches else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -156,4 +163,5 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """The dataset facts and transforms recorded in every artifact."""
-        return {**self.splits.summary(), "augment": self.augment}
+        mixing = {"mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha} if self.mixes_batches else {}
+        return {**self.splits.summary(), "augment": self.augment, **mixing}

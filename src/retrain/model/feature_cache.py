@@ -35,7 +35,9 @@ MODES = ("auto", "true", "false")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def cache_blockers(*, frozen: list[str], train_bn: bool, augment: str, unfreezes_later: bool) -> list[str]:
+def cache_blockers(
+    *, frozen: list[str], train_bn: bool, augment: str, unfreezes_later: bool, mixes_batches: bool = False
+) -> list[str]:
     """Why the backbone's features could differ between epochs; empty when caching them is exact."""
     reasons = []
     trainable = [stage for stage in BACKBONE if stage not in frozen]
@@ -47,6 +49,8 @@ def cache_blockers(*, frozen: list[str], train_bn: bool, augment: str, unfreezes
         reasons.append("model.train_bn=true keeps updating BatchNorm (needs false)")
     if augment != "none":
         reasons.append(f"data.augment={augment} changes every image every epoch (needs none)")
+    if mixes_batches:
+        reasons.append("data.mixup_alpha/cutmix_alpha blend the images of every batch anew (needs both 0)")
     if unfreezes_later:
         reasons.append("callbacks.unfreeze unfreezes backbone stages later in the run")
     return reasons
@@ -70,11 +74,21 @@ def use_feature_cache(mode: object, blockers: list[str]) -> bool:
 
 
 def feature_cache_for(
-    model_cfg: Any, *, frozen: list[str], augment: str, unfreezes_later: bool, directory: Path
+    model_cfg: Any,
+    *,
+    frozen: list[str],
+    augment: str,
+    unfreezes_later: bool,
+    directory: Path,
+    mixes_batches: bool = False,
 ) -> tuple[FeatureCache | None, list[str]]:
     """The cache `model.feature_cache*` asks for (None when off), and what keeps it off."""
     blockers = cache_blockers(
-        frozen=frozen, train_bn=bool(model_cfg.train_bn), augment=augment, unfreezes_later=unfreezes_later
+        frozen=frozen,
+        train_bn=bool(model_cfg.train_bn),
+        augment=augment,
+        unfreezes_later=unfreezes_later,
+        mixes_batches=mixes_batches,
     )
     if not use_feature_cache(model_cfg.feature_cache, blockers):
         return None, blockers

@@ -150,6 +150,8 @@ class ClassifierModule(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = (self.train_criterion if stage == "train" else self.criterion)(logits, labels)
+        if labels.ndim == 2:  # MixUp/CutMix class probabilities: score against the dominant class
+            labels = labels.argmax(dim=1)
         metrics.update(logits, labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))

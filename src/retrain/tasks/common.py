@@ -31,6 +31,8 @@ DATAMODULE_KEYS = (
     "prefetch_factor",
     "fast_decode",
     "decode_cache",
+    "mixup_alpha",
+    "cutmix_alpha",
 )
 
 

@@ -208,6 +208,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         augment=datamodule.augment,
         unfreezes_later=bool(unfreeze and unfreeze.unfreezes_later()),
         directory=run_dir / "feature_cache",
+        mixes_batches=datamodule.mixes_batches,
     )
     data: L.LightningDataModule = datamodule if cache is None else cache.wrap(datamodule)
     if cache is not None:
