@@ -107,13 +107,14 @@ class ClassifierModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Decide `channels_last="auto"` from the device, the precision and the crop size, before optimizers exist."""
-        if self.channels_last_setting != "auto" or self.channels_last:
+        if self.channels_last_setting != "auto":
             return
         size = self.metadata.get("preprocessing", {}).get("crop")
         device = self.trainer.strategy.root_device.type
         if channels_last_pays(device, str(self.trainer.precision), size):
             self.channels_last = True
             self.model = self.model.to(memory_format=torch.channels_last)  # in place: parameters keep their identity
+        self.channels_last_setting = self.channels_last  # decided once: the post-fit test keeps the same layout
         log.info("model.channels_last=auto: %s (%s, %s px)", "on" if self.channels_last else "off", device, size)
 
     def train(self, mode: bool = True) -> ClassifierModule:
