@@ -1,6 +1,6 @@
 """Exact resume on the CPU: interrupted after epoch 2 and resumed, a run ends with bit-identical weights.
 
-With `trainer.deterministic=true`, default augmentation and a loader worker: the RNGs are seeded from
+With `trainer.deterministic=true`, default augmentation, MixUp/CutMix and a loader worker: the RNGs are seeded from
 (seed, epoch) at each epoch start, and the worker restarts each epoch so its RNG follows that seed too.
 The interruption point is the periodic checkpoint taken after epoch 2 of the same 4-epoch run: a run planned
 for 2 epochs would differ on purpose, as its cosine schedule (T_max = max_epochs) decays over 2 epochs.
@@ -20,6 +20,8 @@ SETTINGS = (
     "trainer.max_epochs=4",
     "trainer.deterministic=true",
     "data.num_workers=1",  # after FAST's 0: a worker process augments, as in real runs
+    "data.mixup_alpha=0.2",  # and blends batches: MixUp or CutMix, drawn in the worker too
+    "data.cutmix_alpha=1.0",
     "callbacks.checkpoint_periodic.every_n_epochs=2",
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
