@@ -66,6 +66,12 @@ def test_held_number_is_skipped_and_abandon_frees_its_folder(tmp_path):
     assert publish_new(tmp_path).name == "v003"
 
 
+def test_the_number_of_a_failed_run_is_never_handed_out_again(tmp_path):
+    failed = reserve_version(tmp_path, "cats")  # v001: its run's checkpoints are named cats-v001-...
+    abandon(failed)
+    assert publish_new(tmp_path).name == "v002"
+
+
 def test_older_version_published_late_does_not_move_latest_back(tmp_path):
     older = reserve_version(tmp_path, "cats")
     newer = reserve_version(tmp_path, "cats")

@@ -226,7 +226,12 @@ def _latest_version(root: Path) -> int | None:
 
 
 def abandon(reservation: Reservation) -> None:
-    """Drop a reservation whose run failed, so its half-written files never look like a model."""
+    """Drop a reservation whose run failed, so its half-written files never look like a model.
+
+    Its number is not handed out again: the failed run's checkpoints already carry it in their names.
+    """
+    with contextlib.suppress(OSError):  # the run is failing already; the number is then merely reusable
+        _raise_high_water(reservation.staging.parent, reservation.version)
     shutil.rmtree(reservation.staging, ignore_errors=True)
 
 
