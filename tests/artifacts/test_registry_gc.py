@@ -20,6 +20,7 @@ from retrain.artifacts.registry import (
     ReservationCheck,
     check_reservations,
     collect_garbage,
+    keep_alive,
     publish,
     reserve_version,
 )
@@ -144,6 +145,16 @@ def test_owners_that_cannot_be_asked_wait_for_the_age_limit(tmp_path, change, ho
     assert reason in check.reason
     assert actions(collect_garbage(tmp_path)) == {staging.name: "removed" if abandoned else "kept"}
     assert staging.exists() is not abandoned
+
+
+def test_a_long_run_on_another_host_keeps_its_number_while_it_reports_in(tmp_path):
+    reservation = reserve_version(tmp_path, "cats")
+    owner_edit(reservation.staging, host="elsewhere")  # gc can only judge it by age
+    age(reservation.staging, 25)
+    keep_alive(reservation)  # what training does at the end of every epoch
+    [check] = check_reservations(tmp_path, older_than_hours=24)
+    assert not check.abandoned and "untouched for only 0.0 h" in check.reason
+    assert actions(collect_garbage(tmp_path)) == {reservation.staging.name: "kept"}
 
 
 def test_a_failed_publish_stays_held_by_its_owner(tmp_path, monkeypatch):

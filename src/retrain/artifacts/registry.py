@@ -225,6 +225,12 @@ def _latest_version(root: Path) -> int | None:
     return int(m.group(1)) if m and (root / target).is_dir() else None
 
 
+def keep_alive(reservation: Reservation) -> None:
+    """Refresh the reservation's age, so that gc on another host (which judges by age) leaves a long run's alone."""
+    with contextlib.suppress(OSError):  # a missed refresh only matters after --older-than-hours of silence
+        os.utime(reservation.staging / OWNER_FILE)
+
+
 def abandon(reservation: Reservation) -> None:
     """Drop a reservation whose run failed, so its half-written files never look like a model.
 

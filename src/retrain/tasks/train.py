@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LambdaCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -171,6 +172,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     reservation = _version_for_this_run(cfg)
     version = reservation.version if reservation else 0
+    if reservation is not None:  # each epoch tells `registry gc` on other hosts that this run is alive
+        callbacks.append(LambdaCallback(on_train_epoch_end=lambda *_: registry.keep_alive(reservation)))
     if is_rank_zero():
         split_file = run_dir / "split.json"
         splits.save(split_file)
