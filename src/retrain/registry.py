@@ -14,16 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from retrain.artifacts.metadata import read_json
-from retrain.artifacts.registry import (
-    DEFAULT_GC_HOURS,
-    GC_COMMAND,
-    METADATA_FILE,
-    check_reservations,
-    collect_garbage,
-    list_versions,
-    resolve,
-    version_dirname,
-)
+from retrain.artifacts.registry import METADATA_FILE, list_versions, resolve, version_dirname
+from retrain.artifacts.registry_gc import DEFAULT_GC_HOURS, GC_COMMAND, check_reservations, collect_garbage
 from retrain.errors import RetrainError
 
 # Shown first when present; other metrics follow alphabetically, up to MAX_METRIC_COLUMNS in all.

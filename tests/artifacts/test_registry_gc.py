@@ -15,15 +15,8 @@ from typing import Any
 import pytest
 
 from retrain.artifacts.metadata import write_json
-from retrain.artifacts.registry import (
-    OWNER_FILE,
-    ReservationCheck,
-    check_reservations,
-    collect_garbage,
-    keep_alive,
-    publish,
-    reserve_version,
-)
+from retrain.artifacts.registry import OWNER_FILE, keep_alive, publish, reserve_version
+from retrain.artifacts.registry_gc import ReservationCheck, check_reservations, collect_garbage
 from retrain.errors import RegistryError
 from retrain.registry import main
 

@@ -5,8 +5,8 @@ processes never get the same number), filled by the caller, then published with 
 ``<name>/v003``; readers therefore never see half a version. ``<name>/latest`` is a relative symlink
 (``latest -> v003``), replaced atomically with ``os.replace`` under a file lock and only by a newer version;
 when it is missing (e.g. the registry was copied without symlinks) readers fall back to the newest vNNN.
-A reservation records its owner (pid, host) in ``.owner.json``, so ``gc`` can remove the staging folders of killed
-runs without touching one a live process holds; numbers are never reused, even after ``gc`` (``.high_water``).
+A reservation records its owner (pid, host) in ``.owner.json``, so ``gc`` (registry_gc.py) can remove the staging
+folders of killed runs without touching one a live process holds; numbers are never reused (``.high_water``).
 Kept free of torch so that ``python -m retrain.registry`` starts fast.
 """
 
@@ -17,27 +17,24 @@ import fcntl
 import os
 import re
 import shutil
-import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from retrain.artifacts.metadata import atomic_write, read_json, write_json
+from retrain.artifacts.owners import owner_record
 from retrain.errors import ArtifactError, RegistryError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 VERSION_DIR_RE = re.compile(r"v(\d{3,})")
-_STAGING_RE = re.compile(r"\.v(\d{3,})\.partial")
-_TRASH_RE = re.compile(r"\.v(\d{3,})\.gc")  # a reservation gc has claimed and is deleting
+STAGING_RE = re.compile(r"\.v(\d{3,})\.partial")
+TRASH_RE = re.compile(r"\.v(\d{3,})\.gc")  # a reservation gc has claimed and is deleting
 _VERSION_REF_RE = re.compile(r"v?(\d+)")
 METADATA_FILE = "metadata.json"
 LATEST = "latest"
 OWNER_FILE = ".owner.json"
-_HIGH_WATER = ".high_water"  # the highest number gc has removed, so reserve_version never hands it out again
-DEFAULT_GC_HOURS = 24.0
-GC_COMMAND = "python -m retrain.registry gc"
+_HIGH_WATER = ".high_water"  # the highest number given up (gc, failed runs): reserve_version skips past it
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,8 @@ def version_dirname(version: int) -> str:
     return f"v{version:03d}"
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Refuse a model name that cannot be a folder name, saying what is allowed."""
     if not NAME_RE.fullmatch(name):
         raise RegistryError(
             f"Model name {name!r} cannot be used in the registry. Expected letters, digits, '.', '_' or '-', "
@@ -72,7 +70,7 @@ def _published(root: Path) -> list[int]:
 def _taken(root: Path) -> list[int]:
     taken = _published(root)
     for p in root.iterdir():
-        if m := _STAGING_RE.fullmatch(p.name) or _TRASH_RE.fullmatch(p.name):
+        if m := STAGING_RE.fullmatch(p.name) or TRASH_RE.fullmatch(p.name):
             taken.append(int(m.group(1)))
     # Read after the listing: gc raises the mark before it removes a folder, so a folder missed above is counted here.
     taken.append(_high_water(root))
@@ -86,7 +84,8 @@ def _high_water(root: Path) -> int:
         return 0
 
 
-def _raise_high_water(root: Path, version: int) -> None:
+def raise_high_water(root: Path, version: int) -> None:
+    """Record that numbers up to `version` are used up, so reserve_version never hands them out again."""
     with _lock(root):
         if _high_water(root) < version:
             atomic_write(root / _HIGH_WATER, lambda f: f.write(f"{version}\n".encode()))
@@ -99,38 +98,13 @@ def _lock(root: Path) -> Iterator[None]:
         yield
 
 
-def _read_proc(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _process_start(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux); with the pid it names one process for good."""
-    stat = _read_proc(f"/proc/{pid}/stat")
-    fields = stat.rsplit(")", 1)[-1].split() if stat else []  # the command name may hold spaces and ')'
-    return fields[19] if len(fields) > 19 else None
-
-
-def _this_host() -> dict[str, str | None]:
-    # Pids are only comparable within one boot of one kernel and one pid namespace (containers have their own).
-    try:
-        pidns: str | None = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        pidns = None
-    return {"host": socket.gethostname(), "boot_id": _read_proc("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
-
-
 def _write_owner(staging: Path) -> None:
-    pid = os.getpid()
-    write_json(staging / OWNER_FILE, {"pid": pid, "start": _process_start(pid), "created": time.time(), **_this_host()})
+    write_json(staging / OWNER_FILE, owner_record())
 
 
 def reserve_version(model_dir: Path, name: str) -> Reservation:
     """Claim the next version number of ``name`` for this writer only, with a staging folder to fill."""
-    _check_name(name)
+    check_name(name)
     root = Path(model_dir) / name
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -237,120 +211,8 @@ def abandon(reservation: Reservation) -> None:
     Its number is not handed out again: the failed run's checkpoints already carry it in their names.
     """
     with contextlib.suppress(OSError):  # the run is failing already; the number is then merely reusable
-        _raise_high_water(reservation.staging.parent, reservation.version)
+        raise_high_water(reservation.staging.parent, reservation.version)
     shutil.rmtree(reservation.staging, ignore_errors=True)
-
-
-class ReservationCheck(NamedTuple):
-    """One row of gc's report: an unpublished reservation, whether it is abandoned, why (one line), what gc did.
-
-    ``action`` is ``kept`` or ``would remove`` until gc acts; then ``kept``, ``removed`` or ``failed``.
-    """
-
-    reservation: Reservation
-    abandoned: bool
-    reason: str
-    action: str
-
-
-def _last_touched(folder: Path) -> float:
-    # Writing the model files into staging refreshes these times, so a reservation being filled looks young.
-    times = [folder.lstat().st_mtime]
-    with contextlib.suppress(OSError), os.scandir(folder) as entries:
-        times.extend(entry.stat(follow_symlinks=False).st_mtime for entry in entries)
-    return max(times)
-
-
-def _owner_gone(owner: dict[str, Any], pid: int) -> tuple[bool, str]:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True, f"owner pid {pid} on this host is gone"
-    except PermissionError:
-        pass  # alive, run by another user
-    start = owner.get("start")
-    if start is not None and _process_start(pid) not in (None, start):
-        return True, f"owner pid {pid} on this host is gone (the pid now belongs to another process)"
-    return False, f"owner pid {pid} on this host is still running"
-
-
-def _judge(folder: Path, older_than_hours: float, now: float, here: dict[str, str | None]) -> tuple[bool, str]:
-    if _TRASH_RE.fullmatch(folder.name):
-        return True, "left behind by an interrupted gc"
-    try:
-        owner = read_json(folder / OWNER_FILE)
-    except ArtifactError:
-        owner = {}
-    pid = owner.get("pid")
-    if isinstance(pid, int) and pid > 0 and all(owner.get(key) == value for key, value in here.items()):
-        return _owner_gone(owner, pid)
-    if isinstance(pid, int):
-        who = f"owner pid {pid} on host {owner.get('host') or 'unknown'} (another host or container)"
-    else:
-        who = "no owner record"
-    try:
-        age = now - _last_touched(folder)
-    except OSError:
-        return False, f"{who}, cannot read its age"
-    if age > older_than_hours * 3600:
-        return True, f"{who}, untouched for {age / 3600:.1f} h (more than {older_than_hours:g} h)"
-    return False, f"{who}, untouched for only {age / 3600:.1f} h (gc waits {older_than_hours:g} h for those)"
-
-
-def _model_roots(model_dir: Path, name: str | None) -> list[Path]:
-    model_dir = Path(model_dir)
-    if name is not None:
-        _check_name(name)
-        return [model_dir / name] if (model_dir / name).is_dir() else []
-    if not model_dir.is_dir():
-        return []
-    return sorted(p for p in model_dir.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir())
-
-
-def check_reservations(
-    model_dir: Path, name: str | None = None, older_than_hours: float = DEFAULT_GC_HOURS
-) -> list[ReservationCheck]:
-    """Judge every unpublished reservation (one model's, or all), so gc and list agree on what is abandoned.
-
-    Abandoned means: its owner process on this host is gone, or, when the owner ran on another host (or is
-    unknown), nothing in its folder changed for ``older_than_hours``. A reservation of a live process is never so.
-    """
-    now, here = time.time(), _this_host()
-    checks = []
-    for root in _model_roots(model_dir, name):
-        for folder in sorted(root.iterdir()):
-            if (m := _STAGING_RE.fullmatch(folder.name) or _TRASH_RE.fullmatch(folder.name)) and folder.is_dir():
-                abandoned, reason = _judge(folder, older_than_hours, now, here)
-                reservation = Reservation(root.name, int(m.group(1)), folder)
-                checks.append(ReservationCheck(reservation, abandoned, reason, "would remove" if abandoned else "kept"))
-    return checks
-
-
-def collect_garbage(
-    model_dir: Path, older_than_hours: float = DEFAULT_GC_HOURS, *, dry_run: bool = False
-) -> list[ReservationCheck]:
-    """Remove the staging folders of killed runs, which nothing else ever removes; one row per reservation.
-
-    Published versions and ``latest`` are not touched, and a removed number is never handed out again.
-    """
-    checks = check_reservations(model_dir, None, older_than_hours)
-    return checks if dry_run else [_remove(check) if check.abandoned else check for check in checks]
-
-
-def _remove(check: ReservationCheck) -> ReservationCheck:
-    folder, version = check.reservation.staging, check.reservation.version
-    trash = folder.parent / f".{version_dirname(version)}.gc"
-    try:
-        _raise_high_water(folder.parent, version)
-        if folder != trash:
-            # Claim it with one rename first: an owner that publishes at this moment wins or loses as a whole.
-            os.rename(folder, trash)
-        shutil.rmtree(trash)
-    except FileNotFoundError:
-        return check._replace(reason="gone meanwhile (published or removed)", action="kept")
-    except OSError as e:
-        return check._replace(reason=f"cannot remove: {e.strerror or e}", action="failed")
-    return check._replace(action="removed")
 
 
 def known_names(model_dir: Path) -> list[str]:
@@ -365,7 +227,7 @@ def resolve(model_dir: Path, ref: str) -> Path:
     """Turn ``name@v3``, ``name@3``, ``name@latest`` or ``name`` into that version's folder."""
     model_dir = Path(model_dir)
     name, _, version_ref = ref.strip().partition("@")
-    _check_name(name)
+    check_name(name)
     root = model_dir / name
     versions = _published(root)
     if not versions:
