@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from clitools import composed
+from clitools import FAST, composed
 from hydra.utils import instantiate
 
 from retrain.model.module import ClassifierModule
 from retrain.model.resnet import build_resnet
+from retrain.tasks.train import train
 
 
 def _optimizer(cfg) -> tuple[torch.optim.Optimizer, object]:
@@ -83,3 +84,9 @@ def test_label_smoothing_softens_the_training_loss_only(tmp_path: Path) -> None:
     assert torch.allclose(loss, F.cross_entropy(logits, labels, label_smoothing=0.2))
     assert not torch.allclose(loss, F.cross_entropy(logits, labels))
     assert torch.allclose(module.criterion(logits, labels), F.cross_entropy(logits, labels))  # val/test loss
+
+
+def test_gradient_accumulation_and_clipping_are_trainer_settings(tmp_path: Path, imagefolder: Path) -> None:
+    overrides = ("trainer.max_epochs=1", "trainer.accumulate_grad_batches=3", "trainer.gradient_clip_val=0.5")
+    results = train(composed(tmp_path, f"data.root={imagefolder}", *FAST, *overrides, "save.publish=false"))
+    assert results["global_step"] == 1  # 3 batches of 8 (drop_last), one optimizer step per 3
