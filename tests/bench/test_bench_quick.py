@@ -36,3 +36,18 @@ def test_gpu_script_says_it_needs_cuda_when_there_is_none(tmp_path: Path) -> Non
     proc = run(["bash", str(BENCH / "gpu.sh"), "--quick"], tmp_path)
     assert proc.returncode == 2
     assert "no CUDA GPU" in proc.stderr and "make bench" in proc.stderr
+
+
+def test_gpu_benchmark_code_runs_on_the_cpu_at_toy_sizes(tmp_path: Path) -> None:
+    # No GPU here: --allow-cpu runs the same model-bound and end-to-end code, so gpu.sh does not rot unseen.
+    proc = run([sys.executable, str(BENCH / "_gpu.py"), "--allow-cpu", "--quick"], tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| model-bound", "| end to end"))]
+    configs = ("fp32", "bf16-mixed", "channels_last + bf16-mixed + compile")
+    assert [row.split(" | ")[0] for row in rows] == [
+        *(f"| model-bound (synthetic batch on the device), plain loop, {name}" for name in configs),
+        "| end to end (JPEGs), plain loop, fp32",
+        *(f"| end to end (JPEGs), retrain, {name}" for name in configs),
+    ]
+    assert all(float(row.split(" | ")[1].split()[0].replace(",", "")) > 0 for row in rows)  # images/s measured
+    assert not list(tmp_path.iterdir())
