@@ -55,16 +55,17 @@ def default_num_workers(processes: int = 1) -> int:
     return max(0, min(8, usable_cores() // max(1, processes) - 1))
 
 
-def decode_min_size(pre: dict[str, Any], augment: str, split: str) -> int:
-    """The shorter side, in pixels, that a split's transforms need from a decoded image (see open_rgb).
+def decode_request(pre: dict[str, Any], augment: str, split: str) -> tuple[int, float]:
+    """The shorter side a split's transforms need from a decoded image, and the margin kept above it (see open_rgb).
 
-    Eval: the resize target. Train: RandomResizedCrop's smallest crop must still cover the crop size. Its area
-    is at least MIN_CROP_SCALE of the image and its aspect ratio at most 4:3, so its shorter side is at least
-    sqrt(scale * 3/4) times the image's shorter side.
+    Eval: the resize target, with DRAFT_MARGIN so the antialiased resize still reduces the image. Train:
+    RandomResizedCrop's smallest crop must still cover the crop size; its area is at least MIN_CROP_SCALE of the
+    image and its aspect ratio at most 4:3, so its shorter side is at least sqrt(scale * 3/4) times the image's
+    shorter side. Random crops resample anyway, hence RANDOM_CROP_DRAFT_MARGIN.
     """
     if split != "train" or augment == "none":
-        return int(pre["resize"])
-    return math.ceil(pre["crop"] / math.sqrt(MIN_CROP_SCALE[augment] * 3 / 4))
+        return int(pre["resize"]), DRAFT_MARGIN
+    return math.ceil(pre["crop"] / math.sqrt(MIN_CROP_SCALE[augment] * 3 / 4)), RANDOM_CROP_DRAFT_MARGIN
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -106,16 +107,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.fast_decode = fast_decode
         self.decode_cache = DecodedImageCache(decode_cache) if decode_cache else None
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha or 0.0, cutmix_alpha or 0.0
-        self.mixing = BatchMixing(len(self.class_names), self.mixup_alpha, self.cutmix_alpha)
-        self.mixes_batches = self.mixing.mix is not None
+        mixing_on = self.mixup_alpha != 0 or self.cutmix_alpha != 0
+        self.mixing = BatchMixing(len(self.class_names), self.mixup_alpha, self.cutmix_alpha) if mixing_on else None
+        self.mixes_batches = self.mixing is not None
 
     def dataset(self, split: str) -> ImageListDataset:
         """The dataset of one split, with train augmentation only for `train`."""
         transform = self.train_transform if split == "train" else self.eval_transform
-        min_size = decode_min_size(self.preprocessing, self.augment, split) if self.fast_decode else None
-        random_crops = split == "train" and self.augment != "none"
-        margin = RANDOM_CROP_DRAFT_MARGIN if random_crops else DRAFT_MARGIN
-        return ImageListDataset(self.splits.samples[split], transform, min_size, margin, self.decode_cache)
+        min_size, margin = decode_request(self.preprocessing, self.augment, split)
+        samples = self.splits.samples[split]
+        return ImageListDataset(samples, transform, min_size if self.fast_decode else None, margin, self.decode_cache)
 
     def setup(self, stage: str) -> None:
         """Share the cores out among the DDP processes of this node, unless the user set num_workers."""
@@ -142,7 +143,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             pin_memory=self._pin(),
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
-            collate_fn=self.mixing if split == "train" and self.mixes_batches else None,
+            collate_fn=self.mixing if split == "train" else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -29,9 +29,10 @@ class BatchMixing:
             for mixer, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha))
             if alpha > 0
         ]
-        self.mix = v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0] if mixers else None
+        if not mixers:
+            raise ConfigError("BatchMixing needs data.mixup_alpha or data.cutmix_alpha above 0 (both 0: no mixing).")
+        self.mix = v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0]
 
     def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> Any:
         """One training batch: images blended in pairs, labels as the matching class probabilities."""
-        images, labels = default_collate(samples)
-        return (images, labels) if self.mix is None else self.mix(images, labels)
+        return self.mix(*default_collate(samples))
