@@ -1,9 +1,14 @@
-"""Hydra glue shared by the entry points: unique run ids, and turning user mistakes into one-paragraph errors."""
+"""Hydra glue shared by the entry points: launching a task, unique run ids, one-paragraph errors for mistakes.
+
+Kept free of Lightning at import time: an entry script composes its config and reports a typo before the task
+(and with it Lightning, ~7 s) is imported.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib
 import json
 import logging
 import math
@@ -14,15 +19,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from retrain.callbacks.preemption import PREEMPTED_EXIT_CODE
 from retrain.errors import RetrainError
 from retrain.sweeps import study_storage
-from retrain.utils.cli import check_types
+from retrain.utils.cli import check_types, with_config_hints
 
 log = logging.getLogger("retrain")
 
@@ -72,6 +76,23 @@ def write_failure(error: BaseException) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
+def launch(script: str, config_name: str, task: str) -> None:
+    """Run `task` ("module:function") as the Hydra app of the entry `script`, on conf/<config_name>.yaml beside it.
+
+    The task's module is imported only once Hydra has composed the config, so a typo is reported at once (with
+    the valid key that was probably meant) instead of after Lightning has loaded.
+    """
+    register_resolvers()
+    config_dir = Path(script).resolve().parent / "conf"
+    module_name, _, function_name = task.partition(":")
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)
+    def main(cfg: DictConfig) -> float | None:
+        return run_task(getattr(importlib.import_module(module_name), function_name), cfg)
+
+    with_config_hints(main, config_dir=config_dir, config_name=config_name)
+
+
 def run_task(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> float | None:
     """Run a task; print user mistakes as one paragraph (full trace with HYDRA_FULL_ERROR=1).
 
@@ -79,6 +100,11 @@ def run_task(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     is the monitored metric, which sweepers such as Optuna optimize. None marks a failed trial: Optuna's sweeper
     records it as failed and goes on, while a NaN would make the sweeper itself crash.
     """
+    # Here, not at the top: importing Lightning takes seconds, and the entry scripts import this module first.
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from retrain.callbacks.preemption import PREEMPTED_EXIT_CODE
+
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     fail_fast = bool(OmegaConf.select(cfg, "sweep.fail_fast", default=False))
     try:
