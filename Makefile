@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install retrain with every extra
 
 demo-data: $(STAMP)  ## generate the offline demo ImageFolder in data/demo
-	$(PY) -m retrain.data.demo --root data/demo
+	$(VENV)/bin/retrain demo-data --root data/demo
 
 train: $(STAMP)  ## set up and train ResNet18 on the built-in demo data (CPU, a few minutes)
 	$(PY) train.py experiment=demo

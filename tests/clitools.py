@@ -18,6 +18,8 @@ from PIL import Image
 from retrain.utils.hydra import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
+# The console command a user types, from the environment the tests run in.
+RETRAIN = [str(Path(sys.executable).with_name("retrain"))]
 CLASSES = ("cat", "dog", "fox")
 # Small, fast and deterministic: the settings every CLI test starts from.
 FAST = (

@@ -1,14 +1,81 @@
-"""Shared fixtures; helpers live in tests/clitools.py."""
+"""Shared fixtures: a tiny ImageFolder, small state dicts and a registry with published versions.
+
+Helpers live in tests/clitools.py.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+import torchvision
 from clitools import make_imagefolder
+
+from retrain.artifacts.formats import save_safetensors, save_weights_pth
+from retrain.artifacts.registry import publish, reserve_version
+from retrain.utils.io import write_json
 
 
 @pytest.fixture(scope="session")
 def imagefolder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only split-layout ImageFolder with 3 classes, shared by the whole session."""
     return make_imagefolder(tmp_path_factory.mktemp("data") / "images")
+
+
+@pytest.fixture(scope="session")
+def resnet_state() -> dict[str, torch.Tensor]:
+    """A real torchvision ResNet18 state_dict (3 classes); tests must not modify it."""
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=3).state_dict()
+
+
+@pytest.fixture
+def small_state() -> dict[str, torch.Tensor]:
+    """A tiny head-like state_dict for tests that do not need a whole ResNet."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "fc.weight": torch.randn(3, 4, generator=generator),
+        "fc.bias": torch.randn(3, generator=generator),
+        "bn1.num_batches_tracked": torch.tensor(7),
+    }
+
+
+def _metadata(name: str = "cats", version: int = 1, **extra: Any) -> dict[str, Any]:
+    return {
+        "schema": 1,
+        "name": name,
+        "version": version,
+        "created": "2025-01-02T03:04:05+00:00",
+        "arch": "resnet18",
+        "num_classes": 3,
+        "class_names": ["cat", "dog", "élan"],
+        "preprocessing": {"image_size": 32, "resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+        "metrics": {"val/acc": 0.75, "test/acc": 0.5},
+        "parent": None,
+        **extra,
+    }
+
+
+@pytest.fixture
+def make_metadata() -> Callable[..., dict[str, Any]]:
+    """Build a metadata dict shaped like the ones the training task writes."""
+    return _metadata
+
+
+@pytest.fixture
+def publish_version(tmp_path: Path) -> Callable[..., Path]:
+    """Publish a registry version holding model.safetensors, weights.pth and metadata.json."""
+    model_dir = tmp_path / "models"
+
+    def make(state: dict[str, torch.Tensor], name: str = "cats", **extra: Any) -> Path:
+        reservation = reserve_version(model_dir, name)
+        metadata = _metadata(name, reservation.version, **extra)
+        save_safetensors(state, metadata, reservation.staging / "model.safetensors")
+        save_weights_pth(state, reservation.staging / "weights.pth")
+        write_json(reservation.staging / "metadata.json", metadata)
+        return publish(reservation)
+
+    return make

@@ -19,9 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from submitit.slurm.slurm import SlurmExecutor
 
+from retrain.cli.main import main as retrain_cli
 from retrain.errors import ConfigError
-from retrain.sweeps import SweepSummary, main, study_storage, write_summary
-from retrain.utils.hydra import register_resolvers
+from retrain.sweeps import SweepSummary, write_summary
+from retrain.utils.hydra import register_resolvers, study_storage
 
 
 def make_job(sweep: Path, num: int, overrides: list[str], results: dict[str, Any] | None) -> Path:
@@ -78,11 +79,11 @@ def test_summarize_cli_rebuilds_the_files_or_names_the_wrong_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_job(tmp_path, 0, ["model.lr=0.1"], ok(0.5))
-    assert main(["summarize", str(tmp_path)]) == 0
+    assert retrain_cli(["sweeps", "summarize", str(tmp_path)]) == 0
     assert (tmp_path / "sweep_summary.csv").is_file() and "| **0 (best)** |" in capsys.readouterr().out
     empty = tmp_path / "not_a_sweep"
     empty.mkdir()
-    assert main(["summarize", str(empty)]) == 2
+    assert retrain_cli(["sweeps", "summarize", str(empty)]) == 1
     error = capsys.readouterr().err
     assert str(empty) in error and "numbered job folders" in error and "Fix:" in error
 

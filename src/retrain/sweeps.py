@@ -1,19 +1,16 @@
 """Sweep summaries: one row per job of a `-m` run, the best job marked, rebuilt from the job dirs' results.json.
 
 `SweepSummary` (a Hydra callback, see conf/hydra/default.yaml) writes sweep_summary.csv and sweep_summary.md
-after every job and at the end of the sweep; `python -m retrain.sweeps summarize DIR` rebuilds them.
-`study_storage` is the `${study_storage:...}` resolver that lets an Optuna search continue an earlier study.
+after every job and at the end of the sweep; `retrain sweeps summarize DIR` rebuilds them.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from retrain.errors import ConfigError, RetrainError
+from retrain.utils.io import write_text
 
 log = logging.getLogger("retrain")
 
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_MD = "sweep_summary.md"
-STUDY_FILE = "optuna.db"
 COLUMNS = ("job", "status", "best", "monitor", "value", "best_epoch", "overrides", "run_dir", "error")
 
 
@@ -103,13 +100,13 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
         raise ConfigError(
             f"{sweep_dir} holds no numbered job folders (0/, 1/, ...). Expected the sweep dir that "
             "`python train.py -m ...` printed, e.g. logs/train/multiruns/<name>/<time>. "
-            "Fix: pass that folder to `python -m retrain.sweeps summarize`."
+            "Fix: pass that folder to `retrain sweeps summarize`."
         )
     best = best_job(jobs)
     shown = swept_overrides(jobs)
     csv_path, md_path = sweep_dir / SUMMARY_CSV, sweep_dir / SUMMARY_MD
-    _write_atomic(csv_path, _csv_text(jobs, best, shown))
-    _write_atomic(md_path, _markdown(sweep_dir, jobs, best, shown))
+    write_text(csv_path, _csv_text(jobs, best, shown))
+    write_text(md_path, _markdown(sweep_dir, jobs, best, shown))
     return csv_path, md_path
 
 
@@ -158,43 +155,6 @@ def _markdown(sweep_dir: Path, jobs: list[Job], best: Job | None, shown: dict[in
         ]
         lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Parallel jobs (submitit) rewrite the summary as each one ends: a reader never sees half a file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def study_storage(resume: Any, sweep_dir: str) -> str:
-    """The Optuna storage URL: a new optuna.db in this sweep dir, or an earlier study's when resuming.
-
-    resume false -> `<sweep dir>/optuna.db`; true -> the newest optuna.db among the sibling sweep dirs (the earlier
-    searches of this run name); a path -> that optuna.db, or the one in that sweep dir.
-    """
-    here = Path(sweep_dir)
-    if resume is None or resume is False:
-        here.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
-        return f"sqlite:///{here / STUDY_FILE}"
-    if resume is True:
-        earlier = sorted(p for p in here.parent.glob(f"*/{STUDY_FILE}") if p.parent != here)
-        if not earlier:
-            raise ConfigError(
-                f"hparams_search.resume=true found no {STUDY_FILE} under {here.parent}/*/. Expected an earlier "
-                "`python train.py -m hparams_search=optuna` run with the same name. Fix: run once without "
-                "hparams_search.resume, or pass hparams_search.resume=/path/to/optuna.db."
-            )
-        return f"sqlite:///{earlier[-1]}"
-    path = Path(str(resume)).expanduser().resolve()
-    study = path / STUDY_FILE if path.is_dir() else path
-    if not study.is_file():
-        raise ConfigError(
-            f"hparams_search.resume={resume}: {study} does not exist. Expected an Optuna study file written by an "
-            f"earlier search (<sweep dir>/{STUDY_FILE}) or its sweep dir. Fix: pass an existing path, or "
-            "hparams_search.resume=true for the newest study of this run name."
-        )
-    return f"sqlite:///{study}"
 
 
 class SweepSummary(Callback):
@@ -258,24 +218,7 @@ def _basic_sweeper(config: DictConfig) -> bool:
     return str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m retrain.sweeps summarize DIR`: rebuild a sweep's summary from its job dirs."""
-    parser = argparse.ArgumentParser(prog="python -m retrain.sweeps", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    summarize = commands.add_parser("summarize", help="write sweep_summary.csv and .md in DIR")
-    summarize.add_argument(
-        "sweep_dir", type=Path, metavar="DIR", help="a sweep dir: logs/train/multiruns/<name>/<time>"
-    )
-    args = parser.parse_args(argv)
-    try:
-        csv_path, md_path = write_summary(args.sweep_dir)
-    except RetrainError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(md_path.read_text(), end="")
-    print(f"\nwrote {csv_path} and {md_path}")
-    return 0
+if __name__ == "__main__":  # legacy form of `retrain sweeps summarize DIR`
+    from retrain.cli.main import legacy_entry
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(legacy_entry("sweeps"))

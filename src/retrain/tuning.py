@@ -14,9 +14,9 @@ from lightning.pytorch.tuner import Tuner
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from retrain.artifacts.metadata import write_json
 from retrain.errors import ConfigError
 from retrain.model.module import ClassifierModule
+from retrain.utils.io import write_json
 from retrain.utils.ranks import is_rank_zero
 
 log = logging.getLogger("retrain")

@@ -23,7 +23,7 @@ from retrain.artifacts.formats import (
     save_safetensors,
     save_weights_pth,
 )
-from retrain.artifacts.metadata import sha256_file
+from retrain.utils.io import sha256_file
 
 
 def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

@@ -14,16 +14,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import torch
 
-from retrain.artifacts.metadata import (
-    atomic_write,
-    git_commit,
-    new_metadata,
-    read_json,
-    sha256_file,
-    software_versions,
-    write_json,
-)
+from retrain.artifacts.metadata import git_commit, new_metadata, software_versions
 from retrain.errors import ArtifactError
+from retrain.utils.io import atomic_write, read_json, sha256_file, write_json
 
 
 def test_software_versions_match_installed_packages():

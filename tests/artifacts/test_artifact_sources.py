@@ -11,9 +11,9 @@ from torchvision.models import ResNet18_Weights
 
 from retrain.artifacts import sources
 from retrain.artifacts.formats import save_weights_pth
-from retrain.artifacts.metadata import sha256_file
 from retrain.artifacts.sources import load_source, parent_record
 from retrain.errors import ArtifactError, RegistryError
+from retrain.utils.io import sha256_file
 
 HUB_FILE = "resnet18-f37072fd.pth"  # the name torch.hub gives torchvision's ResNet18 IMAGENET1K_V1 file
 

@@ -7,18 +7,18 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clitools import RETRAIN
 
-from retrain.artifacts.metadata import write_json
 from retrain.artifacts.registry import OWNER_FILE, keep_alive, publish, reserve_version
 from retrain.artifacts.registry_gc import ReservationCheck, check_reservations, collect_garbage
+from retrain.cli.main import main as retrain_cli
 from retrain.errors import RegistryError
-from retrain.registry import main
+from retrain.utils.io import write_json
 
 
 def publish_new(model_dir: Path, name: str = "cats") -> Path:
@@ -169,14 +169,14 @@ def test_list_counts_abandoned_reservations_and_suggests_gc(tmp_path, capsys):
     publish_new(tmp_path)
     reserve_in_a_killed_process(tmp_path)
     reserve_version(tmp_path, "cats")
-    assert main(["--model-dir", str(tmp_path), "list"]) == 0
+    assert retrain_cli(["registry", "--model-dir", str(tmp_path), "list"]) == 0
     out = capsys.readouterr().out
     assert "1 abandoned reservation " in out
-    assert "python -m retrain.registry gc" in out
-    assert main(["--model-dir", str(tmp_path), "list", "cats"]) == 0
+    assert "retrain registry gc" in out
+    assert retrain_cli(["registry", "--model-dir", str(tmp_path), "list", "cats"]) == 0
     assert "1 abandoned reservation " in capsys.readouterr().out
     collect_garbage(tmp_path)
-    assert main(["--model-dir", str(tmp_path), "list"]) == 0
+    assert retrain_cli(["registry", "--model-dir", str(tmp_path), "list"]) == 0
     assert "abandoned" not in capsys.readouterr().out
 
 
@@ -186,11 +186,11 @@ def test_gc_cli_prints_one_line_per_reservation(tmp_path, capsys):
     live = reserve_version(tmp_path, "cats")  # held by this (live) test process
     args = ["--model-dir", str(tmp_path), "gc"]
 
-    assert main([*args, "--dry-run"]) == 0
+    assert retrain_cli(["registry", *args, "--dry-run"]) == 0
     assert dead.is_dir()
     dry = capsys.readouterr().out
     # The one subprocess run: it must see this test process as alive and the killed one as gone.
-    command = [sys.executable, "-m", "retrain.registry", *args, "--older-than-hours", "0"]
+    command = [*RETRAIN, "registry", *args, "--older-than-hours", "0"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     for out, action in ((dry, "would remove"), (done.stdout, "removed")):

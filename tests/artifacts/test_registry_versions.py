@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from retrain.artifacts.metadata import write_json
 from retrain.artifacts.registry import (
     abandon,
     list_versions,
@@ -17,6 +16,7 @@ from retrain.artifacts.registry import (
     resolve,
 )
 from retrain.errors import RegistryError
+from retrain.utils.io import write_json
 
 
 def publish_new(model_dir: Path, name: str = "cats", **metadata: object) -> Path:

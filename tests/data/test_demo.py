@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retrain.cli.main import main as retrain_cli
 from retrain.data import demo
 from retrain.errors import ConfigError, DataError
 
@@ -166,11 +167,11 @@ def test_colour_does_not_give_the_class_away(tmp_path: Path) -> None:
 
 def test_cli_prints_where_and_how_many(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "cli"
-    assert demo.main(["--root", str(root), "--per-class", "3", "--image-size", "16"]) == 0
+    assert retrain_cli(["demo-data", "--root", str(root), "--per-class", "3", "--image-size", "16"]) == 0
     out = capsys.readouterr().out
     assert str(root.resolve()) in out
     assert "train" in out and "6 images: 1 per class x 6" in out
     assert json.loads((root / demo.MARKER).read_text())["per_class"] == 3
 
-    assert demo.main(["--root", str(root), "--per-class", "2"]) == 2
+    assert retrain_cli(["demo-data", "--root", str(root), "--per-class", "2"]) == 1
     assert "per_class" in capsys.readouterr().err

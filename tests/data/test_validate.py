@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrain.data.validate import ALL, main, raise_for_bad_files, scan
+from retrain.cli.main import main as retrain_cli
+from retrain.data.validate import ALL, raise_for_bad_files, scan
 from retrain.errors import ConfigError, DataError
 
 
@@ -179,11 +180,11 @@ def test_scan_rejects_a_missing_folder_and_an_unknown_mode(tmp_path: Path) -> No
 
 
 def test_cli_exit_codes(messy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(good_dataset(tmp_path / "clean"))]) == 0
+    assert retrain_cli(["validate", str(good_dataset(tmp_path / "clean"))]) == 0
     assert "OK" in capsys.readouterr().out
-    assert main([str(messy), "--full"]) == 1
+    assert retrain_cli(["validate", str(messy), "--full"]) == 1
     assert "FAIL" in capsys.readouterr().out
-    assert main([str(tmp_path / "nope")]) == 2
+    assert retrain_cli(["validate", str(tmp_path / "nope")]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith("error: The data folder") and "Traceback" not in captured.err
 

@@ -23,7 +23,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from retrain.artifacts.formats import save_safetensors
-from retrain.artifacts.metadata import write_json
 from retrain.artifacts.registry import publish, reserve_version
 from retrain.errors import ArtifactError, UnsafePickleError
 from retrain.tasks.eval import evaluate
@@ -31,6 +30,7 @@ from retrain.tasks.export import export
 from retrain.tasks.predict import predict
 from retrain.tasks.train import train
 from retrain.utils.hydra import register_resolvers
+from retrain.utils.io import write_json
 
 pytestmark = pytest.mark.e2e
 

@@ -37,8 +37,8 @@ from clitools import FAST, REPO, CliResult, make_imagefolder
 from PIL import Image
 
 from retrain.artifacts.formats import HOLD_ENV, read_artifact, save_safetensors
-from retrain.artifacts.metadata import write_json
 from retrain.artifacts.registry import list_versions, publish, reserve_version
+from retrain.utils.io import write_json
 
 pytestmark = [
     pytest.mark.e2e,

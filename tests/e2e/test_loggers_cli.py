@@ -13,7 +13,7 @@ from clitools import FAST, assert_ok, run_cli
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from retrain import report as report_cli
+from retrain.cli.main import main as retrain_cli
 from retrain.utils.console import filter_known_warnings, summary_panel
 
 pytestmark = pytest.mark.e2e
@@ -94,14 +94,16 @@ def test_report_is_in_the_run_dir_and_in_the_registry_version(run) -> None:
 
 def test_report_rebuilds_from_the_run_dir_and_from_the_registry(run, tmp_path: Path, capsys) -> None:
     run_dir = run.first["run_dir"]
-    assert report_cli.main([run_dir, "--out", str(tmp_path / "from_run")]) == 0
+    assert retrain_cli(["report", run_dir, "--out", str(tmp_path / "from_run")]) == 0
     models = str(run.cwd / "models")
-    assert report_cli.main(["resnet18@v001", "--model-dir", models, "--out", str(tmp_path / "from_registry")]) == 0
+    assert (
+        retrain_cli(["report", "resnet18@v001", "--model-dir", models, "--out", str(tmp_path / "from_registry")]) == 0
+    )
     original = (Path(run_dir) / "report" / "per_class.csv").read_text()
     assert (tmp_path / "from_run" / "per_class.csv").read_text() == original
     assert (tmp_path / "from_registry" / "per_class.csv").read_text() == original
     assert "trainer.max_epochs=2" in (tmp_path / "from_registry" / "report.md").read_text()  # found its run
-    assert report_cli.main(["nosuchmodel@v9", "--model-dir", models]) == 2
+    assert retrain_cli(["report", "nosuchmodel@v9", "--model-dir", models]) == 1
     assert "No model named 'nosuchmodel'" in capsys.readouterr().err
 
 

@@ -13,8 +13,8 @@ from clitools import CLASSES, assert_ok, run_cli
 
 from retrain.artifacts.formats import save_safetensors
 from retrain.data.transforms import preprocessing
-from retrain.export.metadata import deploy_info, to_props
 from retrain.export.onnx import export_onnx
+from retrain.inference.deploy_info import deploy_info, to_props
 from retrain.model.resnet import build_resnet
 
 pytestmark = pytest.mark.e2e

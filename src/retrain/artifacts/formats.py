@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from retrain.artifacts.metadata import atomic_write, sha256_file
 from retrain.errors import ArtifactError, UnsafePickleError
+from retrain.utils.io import atomic_write, sha256_file
 
 HOLD_ENV = "RETRAIN_TEST_HOLD_WRITE"
 WEIGHT_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors", ".bin")

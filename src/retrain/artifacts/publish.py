@@ -10,7 +10,7 @@ from torch import nn
 
 from retrain.artifacts import registry
 from retrain.artifacts.formats import read_artifact, save_full_model, save_safetensors, save_weights_pth
-from retrain.artifacts.metadata import sha256_file, write_json
+from retrain.utils.io import sha256_file, write_json
 
 
 def publish_version(

@@ -7,7 +7,7 @@ processes never get the same number), filled by the caller, then published with 
 when it is missing (e.g. the registry was copied without symlinks) readers fall back to the newest vNNN.
 A reservation records its owner (pid, host) in ``.owner.json``, so ``gc`` (registry_gc.py) can remove the staging
 folders of killed runs without touching one a live process holds; numbers are never reused (``.high_water``).
-Kept free of torch so that ``python -m retrain.registry`` starts fast.
+Kept free of torch so that ``retrain registry`` starts fast.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrain.artifacts.metadata import atomic_write, read_json, write_json
 from retrain.artifacts.owners import owner_record
 from retrain.errors import ArtifactError, RegistryError
+from retrain.utils.io import atomic_write, read_json, write_json
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 VERSION_DIR_RE = re.compile(r"v(\d{3,})")

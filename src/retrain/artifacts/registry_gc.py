@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from retrain.artifacts.metadata import read_json
 from retrain.artifacts.owners import owner_gone, this_host
 from retrain.artifacts.registry import (
     NAME_RE,
@@ -28,9 +27,10 @@ from retrain.artifacts.registry import (
     version_dirname,
 )
 from retrain.errors import ArtifactError
+from retrain.utils.io import read_json
 
 DEFAULT_GC_HOURS = 24.0
-GC_COMMAND = "python -m retrain.registry gc"
+GC_COMMAND = "retrain registry gc"
 
 
 class ReservationCheck(NamedTuple):

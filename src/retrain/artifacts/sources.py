@@ -15,9 +15,10 @@ import torch
 import torchvision
 
 from retrain.artifacts.formats import WEIGHT_SUFFIXES, Artifact, read_artifact
-from retrain.artifacts.metadata import SCHEMA, atomic_write, read_json, sha256_file
+from retrain.artifacts.metadata import SCHEMA
 from retrain.artifacts.registry import METADATA_FILE, NAME_RE, VERSION_DIR_RE, known_names, resolve
 from retrain.errors import ArtifactError
+from retrain.utils.io import atomic_write, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from retrain.artifacts import registry
-from retrain.artifacts.metadata import write_json
+from retrain.utils.io import write_json
 
 log = logging.getLogger("retrain")
 

@@ -3,12 +3,11 @@
 The class is the shape alone. Colours, background, position, size, rotation and noise are drawn at random
 for every image from the same ranges in every class, so a model has to learn shape, not colour.
 
-    python -m retrain.data.demo --root data/demo
+    retrain demo-data --root data/demo
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -267,29 +266,9 @@ def _regular(n: int, r: float, offset: float = 0.0) -> list[tuple[float, float]]
     return [(r * math.cos(a), r * math.sin(a)) for a in angles]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: build (or reuse) the demo set and print where it is and what it holds."""
-    parser = argparse.ArgumentParser(prog="python -m retrain.data.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("data/demo"), help="output folder (default: data/demo)")
-    parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help="images per class, all splits")
-    parser.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    parser.add_argument("--force", action="store_true", help="rebuild even when a complete set is there")
-    args = parser.parse_args(argv)
-    try:
-        root = build_demo_dataset(
-            args.root, per_class=args.per_class, image_size=args.image_size, seed=args.seed, force=args.force
-        )
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    sizes = split_sizes(args.per_class)
-    print(f"Demo set in {root.resolve()} ({args.image_size} px, seed {args.seed})")
-    for split in SPLITS:
-        print(f"  {split:<5} {sizes[split] * len(CLASSES):>5} images: {sizes[split]} per class x {len(CLASSES)}")
-    print(f"  classes: {', '.join(CLASSES)}")
-    return 0
+if __name__ == "__main__":  # legacy form of the retrain command
+    import sys
 
+    from retrain.cli.main import legacy_entry
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(legacy_entry("demo-data"))

@@ -1,11 +1,10 @@
 """Scan an image folder before training: bad files, empty or mismatched classes, hidden files and leakage.
 
-Usage: `python -m retrain.data.validate DIR [--full]`; exit 1 when training would stop, 2 on a usage error.
+Usage: `retrain validate DIR [--full]`; exit 1 when training would stop, 2 on a usage error.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import warnings
@@ -16,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from rich.console import Console
 
 from retrain.data.images import IMAGE_PROBLEM_KINDS, check_image, has_image_extension
-from retrain.errors import ConfigError, DataError, RetrainError
+from retrain.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 MODES = ("quick", "full")
@@ -273,30 +271,13 @@ def raise_for_bad_files(report: ValidationReport, max_shown: int = 10) -> None:
         f"{len(bad)} image files under {report.root} cannot be read ({breakdown}): {shown}{more}. "
         "Expected every file with an image extension to decode. Fix: delete or replace them, or set "
         "data.on_bad_file=skip to train without them (they are then listed in bad_files.txt); "
-        f"`python -m retrain.data.validate {report.root} --full` says what is wrong with each."
+        f"`retrain validate {report.root} --full` says what is wrong with each."
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI: print the report; exit 1 if training would stop, 2 on a usage error such as a missing DIR."""
-    parser = argparse.ArgumentParser(prog="python -m retrain.data.validate", description=__doc__)
-    parser.add_argument("root", metavar="DIR", help="the data folder (split or folder layout)")
-    parser.add_argument("--full", action="store_true", help="decode every image instead of reading headers")
-    parser.add_argument("--max-rows", type=int, default=20, help="paths listed per problem kind (20)")
-    args = parser.parse_args(argv)
-    console = Console(highlight=False, soft_wrap=True, emoji=False)
-    try:
-        report = scan(args.root, mode="full" if args.full else "quick")
-    except RetrainError as e:
-        Console(stderr=True, highlight=False, soft_wrap=True, emoji=False).print(f"error: {e}", markup=False)
-        return 2
-    console.print(report.format(max_rows=args.max_rows), markup=False)
-    if report.has_errors():
-        console.print("[bold red]FAIL[/]: training would stop on the errors above.")
-        return 1
-    console.print("[bold green]OK[/]: nothing would stop training.")
-    return 0
+if __name__ == "__main__":  # legacy form of the retrain command
+    import sys
 
+    from retrain.cli.main import legacy_entry
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(legacy_entry("validate"))

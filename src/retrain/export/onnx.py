@@ -12,8 +12,8 @@ import onnx
 import torch
 from torch import nn
 
-from retrain.artifacts.metadata import atomic_write
 from retrain.export.program import batch_dim
+from retrain.utils.io import atomic_write
 
 INPUT = "images"
 OUTPUT = "logits"

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retrain.artifacts.metadata import atomic_write
-from retrain.export.metadata import EXTRA_FILE
+from retrain.inference.deploy_info import EXTRA_FILE
+from retrain.utils.io import atomic_write
 
 
 def batch_dim() -> dict[int, torch.export.Dim]:

@@ -15,13 +15,13 @@ import torch
 from omegaconf import DictConfig
 from torch.fx import GraphModule
 
-from retrain.artifacts.metadata import write_json
 from retrain.errors import ConfigError
-from retrain.export.metadata import to_props, write_sidecar
+from retrain.export.benchmark import REPORT_FILE, Targets, build_report, table
 from retrain.export.quantize import convert_qat, prepare_qat, save_int8
-from retrain.export.report import REPORT_FILE, Targets, build_report, table
-from retrain.export.runtimes import FILE_NAMES
+from retrain.inference.deploy_info import to_props, write_sidecar
+from retrain.inference.runtimes import FILE_NAMES
 from retrain.model.resnet import build_resnet
+from retrain.utils.io import write_json
 
 
 def start_qat(

@@ -81,7 +81,7 @@ def _raise_for_structure(report: ValidationReport) -> None:
         raise DataError(
             f"{report.root} has {len(problems)} class or split problems that data.on_bad_file cannot skip: "
             f"{listed}. Expected the same non-empty class folders in every split. Fix: add images to the empty "
-            f"classes or remove them from every split; `python -m retrain.data.validate {report.root}` lists all."
+            f"classes or remove them from every split; `retrain validate {report.root}` lists all."
         )
 
 

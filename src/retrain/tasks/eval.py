@@ -8,7 +8,6 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from retrain.artifacts.metadata import write_json
 from retrain.artifacts.sources import load_source
 from retrain.errors import ArtifactError, DataError
 from retrain.model.module import ClassifierModule
@@ -16,6 +15,7 @@ from retrain.model.resnet import build_resnet
 from retrain.model.surgery import load_weights
 from retrain.tasks.common import find_splits, make_datamodule, make_loggers, single_device_trainer
 from retrain.utils.hydra import output_dir
+from retrain.utils.io import write_json
 
 log = logging.getLogger("retrain")
 

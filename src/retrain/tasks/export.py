@@ -14,20 +14,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from retrain.artifacts import registry
-from retrain.artifacts.metadata import write_json
 from retrain.data.datamodule import ImageListDataset, default_num_workers
 from retrain.data.splits import DataSplits, Sample
 from retrain.data.transforms import eval_transforms
 from retrain.errors import ArtifactError, ConfigError, DataError, RegistryError
-from retrain.export.metadata import deploy_info, to_props, write_sidecar
+from retrain.export.benchmark import REPORT_FILE, Targets, build_report, table
 from retrain.export.program import export_program
 from retrain.export.quantize import quantize_ptq, save_int8
-from retrain.export.report import REPORT_FILE, Targets, build_report, table
-from retrain.export.runtimes import FILE_NAMES
 from retrain.export.torchscript import export_torchscript
+from retrain.inference.deploy_info import deploy_info, to_props, write_sidecar
+from retrain.inference.runtimes import FILE_NAMES
 from retrain.tasks.common import find_splits
 from retrain.tasks.eval import load_classifier
 from retrain.utils.hydra import output_dir
+from retrain.utils.io import write_json
 
 log = logging.getLogger("retrain")
 

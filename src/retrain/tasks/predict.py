@@ -14,12 +14,12 @@ from rich.console import Console
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from retrain.artifacts.metadata import write_json
 from retrain.errors import ConfigError, DataError
-from retrain.export.inputs import PredictImages, find_images
-from retrain.export.predictions import output_format, top_k, write_predictions
-from retrain.export.runtimes import Runtime, detect_kind, eager_runtime, load_runtime
+from retrain.inference.inputs import PredictImages, find_images
+from retrain.inference.predictions import output_format, top_k, write_predictions
+from retrain.inference.runtimes import Runtime, detect_kind, eager_runtime, load_runtime
 from retrain.utils.hydra import output_dir
+from retrain.utils.io import write_json
 
 log = logging.getLogger("retrain")
 
@@ -29,7 +29,7 @@ def load_predictor(source: str, *, model_dir: Path, allow_pickle: bool) -> Runti
     if detect_kind(Path(source).expanduser()) is not None:
         return load_runtime(Path(source).expanduser())
     # Imported only here: it brings Lightning (~7 s), which exported files never need.
-    from retrain.export.metadata import deploy_info
+    from retrain.inference.deploy_info import deploy_info
     from retrain.tasks.eval import load_classifier
 
     module, meta = load_classifier(source, model_dir=model_dir, allow_pickle=allow_pickle)

@@ -14,24 +14,24 @@ from lightning.pytorch.callbacks import LambdaCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from retrain.analysis.tracking import log_run_facts
 from retrain.artifacts import registry
 from retrain.artifacts.formats import Artifact, read_artifact
-from retrain.artifacts.metadata import new_metadata, write_json
+from retrain.artifacts.metadata import new_metadata
 from retrain.artifacts.publish import publish_version
 from retrain.artifacts.sources import load_source, parent_record
 from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
 from retrain.callbacks.preemption import Preemption, preemption_checkpoint
-from retrain.callbacks.report import finish_report
+from retrain.callbacks.run_report import finish_report
 from retrain.callbacks.unfreeze import ProgressiveUnfreeze
 from retrain.errors import ConfigError
-from retrain.export.metadata import deploy_info
-from retrain.export.prune import make_permanent, prune_from_config
 from retrain.export.qat import finish_qat, start_qat
+from retrain.inference.deploy_info import deploy_info
 from retrain.model.feature_cache import feature_cache_for
 from retrain.model.module import ClassifierModule
+from retrain.model.pruning import make_permanent, prune_from_config
 from retrain.model.resnet import build_resnet
 from retrain.model.surgery import apply_freeze, load_weights, parse_freeze
-from retrain.reporting.tracking import log_run_facts
 from retrain.tasks.common import (
     make_callbacks,
     make_datamodule,
@@ -43,6 +43,7 @@ from retrain.tasks.common import (
 from retrain.tuning import find_lr, lr_set_by_user
 from retrain.utils import console
 from retrain.utils.hydra import output_dir
+from retrain.utils.io import write_json
 from retrain.utils.ranks import is_rank_zero
 
 log = logging.getLogger("retrain")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib
-import json
 import logging
 import math
 import os
@@ -24,11 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from retrain.errors import RetrainError
-from retrain.sweeps import study_storage
+from retrain.errors import ConfigError, RetrainError
 from retrain.utils.cli import check_types, with_config_hints
+from retrain.utils.io import write_json
 
 log = logging.getLogger("retrain")
+STUDY_FILE = "optuna.db"
 
 
 def _run_id() -> str:
@@ -43,6 +43,36 @@ def cpu_precision() -> str:
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return "bf16-mixed" if native else "32-true"
+
+
+def study_storage(resume: Any, sweep_dir: str) -> str:
+    """The Optuna storage URL: a new optuna.db in this sweep dir, or an earlier study's when resuming.
+
+    resume false -> `<sweep dir>/optuna.db`; true -> the newest optuna.db among the sibling sweep dirs (the earlier
+    searches of this run name); a path -> that optuna.db, or the one in that sweep dir.
+    """
+    here = Path(sweep_dir)
+    if resume is None or resume is False:
+        here.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+        return f"sqlite:///{here / STUDY_FILE}"
+    if resume is True:
+        earlier = sorted(p for p in here.parent.glob(f"*/{STUDY_FILE}") if p.parent != here)
+        if not earlier:
+            raise ConfigError(
+                f"hparams_search.resume=true found no {STUDY_FILE} under {here.parent}/*/. Expected an earlier "
+                "`python train.py -m hparams_search=optuna` run with the same name. Fix: run once without "
+                "hparams_search.resume, or pass hparams_search.resume=/path/to/optuna.db."
+            )
+        return f"sqlite:///{earlier[-1]}"
+    path = Path(str(resume)).expanduser().resolve()
+    study = path / STUDY_FILE if path.is_dir() else path
+    if not study.is_file():
+        raise ConfigError(
+            f"hparams_search.resume={resume}: {study} does not exist. Expected an Optuna study file written by an "
+            f"earlier search (<sweep dir>/{STUDY_FILE}) or its sweep dir. Fix: pass an existing path, or "
+            "hparams_search.resume=true for the newest study of this run name."
+        )
+    return f"sqlite:///{study}"
 
 
 def register_resolvers() -> None:
@@ -72,8 +102,7 @@ def write_failure(error: BaseException) -> None:
     path = output_dir() / "results.json"
     if path.exists():
         return
-    payload = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-    path.write_text(json.dumps(payload, indent=2))
+    write_json(path, {"status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 
 def launch(script: str, config_name: str, task: str) -> None:

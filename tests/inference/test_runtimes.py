@@ -11,12 +11,12 @@ import torch
 import torchvision
 
 from retrain.errors import ArtifactError
-from retrain.export.metadata import deploy_info, from_props, to_props
+from retrain.export.benchmark import Targets, assemble, table
 from retrain.export.onnx import INPUT, OUTPUT, export_onnx
 from retrain.export.program import export_program
-from retrain.export.report import Targets, assemble, table
-from retrain.export.runtimes import FILE_NAMES, detect_kind, load_runtime
 from retrain.export.torchscript import export_torchscript
+from retrain.inference.deploy_info import deploy_info, from_props, to_props
+from retrain.inference.runtimes import FILE_NAMES, detect_kind, load_runtime
 from retrain.tasks.export import _formats, _out_dir, _verification_problem
 
 META = {

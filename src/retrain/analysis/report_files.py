@@ -11,18 +11,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from retrain.artifacts.metadata import write_json
-from retrain.data.datamodule import ImageListDataset
-from retrain.data.transforms import eval_transforms
-from retrain.reporting.markdown import render_markdown
-from retrain.reporting.metrics import (
+from retrain.analysis.markdown import render_markdown
+from retrain.analysis.per_class import (
     confident_errors,
     confusion_matrix,
     normalize_rows,
     per_class,
     write_per_class_csv,
 )
-from retrain.reporting.plots import plot_confusion, plot_curves, plot_top_losses
+from retrain.analysis.plots import plot_confusion, plot_curves, plot_top_losses
+from retrain.data.datamodule import ImageListDataset
+from retrain.data.transforms import eval_transforms
+from retrain.utils.io import write_json
 
 REPORT_FILES = ("report.md", "curves.png", "confusion_matrix.png", "per_class.csv", "top_losses.png")
 HISTORY_FILE = "history.json"
@@ -39,7 +39,7 @@ class Predictions:
 
 @dataclass
 class ReportInputs:
-    """Everything the report shows; the callback fills it during training, `python -m retrain.report` from disk."""
+    """Everything the report shows; the callback fills it during training, `retrain report` from disk."""
 
     title: str
     class_names: list[str]

@@ -12,10 +12,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from retrain.analysis.report_files import REPORT_FILES, ReportInputs, predict_samples, write_markdown, write_report
+from retrain.analysis.tracking import log_report
 from retrain.model.module import ClassifierModule
 from retrain.model.resnet import STAGES, stage_of
-from retrain.reporting.build import REPORT_FILES, ReportInputs, predict_samples, write_markdown, write_report
-from retrain.reporting.tracking import log_report
 
 log = logging.getLogger("retrain")
 

@@ -1,4 +1,4 @@
-"""`python -m retrain.registry` lists versions, shows metadata, and reports mistakes without a traceback."""
+"""`retrain registry` lists versions, shows metadata, and reports mistakes without a traceback."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 
-from retrain.artifacts.metadata import read_json
+from clitools import RETRAIN
+
+from retrain.utils.io import read_json
 
 
 def run_cli(*args: str, model_dir) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RETRAIN_MODEL_DIR": str(model_dir)}
-    command = [sys.executable, "-m", "retrain.registry", *args]
+    command = [*RETRAIN, "registry", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, check=False)
 
 
@@ -37,7 +39,27 @@ def test_list_show_and_errors(tmp_path, small_state, publish_version):
     assert json.loads(shown.stdout) == read_json(model_dir / "cats" / "v002" / "metadata.json")
 
     missing = run_cli("show", "cats@v7", model_dir=model_dir)
-    assert missing.returncode == 2
+    assert missing.returncode == 1  # a user mistake, as in every retrain command
     assert missing.stderr.startswith("error: cats has no version 7")
     assert "v001, v002" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_old_python_m_forms_still_work_and_name_the_new_command(tmp_path, small_state, publish_version):
+    publish_version(small_state)
+    env = {**os.environ, "RETRAIN_MODEL_DIR": str(tmp_path / "models")}
+    old = subprocess.run(
+        [sys.executable, "-m", "retrain.registry", "list"], capture_output=True, text=True, env=env, check=False
+    )
+    assert old.returncode == 0, old.stderr
+    assert "v001" in old.stdout
+    assert "now `retrain registry`" in old.stderr
+
+
+def test_top_level_help_lists_every_command() -> None:
+    shown = subprocess.run([*RETRAIN, "--help"], capture_output=True, text=True, check=False)
+    assert shown.returncode == 0
+    for command in ("registry", "report", "sweeps", "validate", "demo-data"):
+        assert command in shown.stdout
+    unknown = subprocess.run([*RETRAIN, "registri"], capture_output=True, text=True, check=False)
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from retrain.export.runtimes import Runtime, eager_runtime, load_runtime
+from retrain.inference.runtimes import Runtime, eager_runtime, load_runtime
 
 REFERENCE = "eager"
 REPORT_FILE = "export_report.json"

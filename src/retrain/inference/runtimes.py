@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from retrain.errors import ArtifactError
-from retrain.export.metadata import EXTRA_FILE, from_props
+from retrain.inference.deploy_info import EXTRA_FILE, from_props
 
 # Formats that export.py writes, with their file names inside the exports folder.
 FILE_NAMES = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # a runtime import would be circular: build imports this module
-    from retrain.reporting.build import ReportInputs
+    from retrain.analysis.report_files import ReportInputs
 
 # Larger class sets list only their weakest classes in the page; per_class.csv always holds all of them.
 MAX_CLASS_ROWS = 50

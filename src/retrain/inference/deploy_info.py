@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from retrain.artifacts.metadata import write_json
 from retrain.errors import ArtifactError
+from retrain.utils.io import write_json
 
 SIDECAR = "preprocessing.json"
 EXTRA_FILE = "retrain.json"  # the name inside TorchScript and torch.export archives

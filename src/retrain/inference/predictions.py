@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from retrain.artifacts.metadata import atomic_write
 from retrain.errors import ConfigError
+from retrain.utils.io import atomic_write
 
 OUTPUT_FORMATS = ("csv", "json")
 

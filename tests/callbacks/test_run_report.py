@@ -16,17 +16,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-import retrain.callbacks.report as report_module
-from retrain.callbacks.report import RunReport, finish_report
+import retrain.callbacks.run_report as report_module
+from retrain.analysis.per_class import confident_errors
+from retrain.analysis.plots import plot_confusion
+from retrain.analysis.report_files import REPORT_FILES, Predictions, ReportInputs, write_report
+from retrain.callbacks.run_report import RunReport, finish_report
 from retrain.callbacks.unfreeze import ProgressiveUnfreeze
+from retrain.cli.report_cmd import _unfreeze_milestones
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.splits import DataSplits, discover
 from retrain.model.module import ClassifierModule
 from retrain.model.resnet import build_resnet
-from retrain.report import _unfreeze_milestones
-from retrain.reporting.build import REPORT_FILES, Predictions, ReportInputs, write_report
-from retrain.reporting.metrics import confident_errors
-from retrain.reporting.plots import plot_confusion
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["a", "b", "c", "d"]

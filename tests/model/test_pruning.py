@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from retrain.errors import ConfigError
-from retrain.export.prune import make_permanent, prune_convolutions, prune_from_config, sparsity_by_stage
+from retrain.model.pruning import make_permanent, prune_convolutions, prune_from_config, sparsity_by_stage
 
 
 def _net() -> torchvision.models.ResNet:

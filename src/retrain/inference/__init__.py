@@ -1,0 +1,1 @@
+"""Inference on deployable files: load any exported or saved model, read images, write predictions."""
