@@ -10,11 +10,12 @@ import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import torch
 
-from retrain.artifacts.metadata import git_commit, new_metadata, software_versions
+from retrain.artifacts.metadata import ArtifactMetadata, git_commit, new_metadata, software_versions
 from retrain.errors import ArtifactError
 from retrain.utils.io import atomic_write, read_json, sha256_file, write_json
 
@@ -134,3 +135,73 @@ def test_read_json_errors(tmp_path, content, match):
     with pytest.raises(ArtifactError, match=match) as info:
         read_json(path)
     assert str(path) in str(info.value)
+
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "metadata_v1.json"  # a v001 published by 86650fd
+
+
+def test_a_published_metadata_json_loads_typed_and_writes_back_the_same_json():
+    written = json.loads(FIXTURE.read_text())
+    meta = ArtifactMetadata.from_dict(written, source=FIXTURE)
+    assert (meta.name, meta.version, meta.arch, meta.num_classes) == ("pets", 1, "resnet18", 3)
+    assert meta.class_names == ["cat", "dog", "fox"] and meta.freeze == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    pre = meta.preprocessing
+    assert (pre.image_size, pre.resize, pre.crop, pre.interpolation) == (32, 37, 32, "bilinear")
+    assert pre.mean == (0.485, 0.456, 0.406) and pre.std == (0.229, 0.224, 0.225)
+    assert meta.dataset["layout"] == "folder" and meta.results["monitor"] == "val/acc"
+    assert meta.history[0]["epoch"] == 0 and len(meta.checkpoint_sha256 or "") == 64
+    assert meta.extra == {}  # every key of today's files is modelled
+    assert list(meta.to_dict().items()) == list(written.items())  # same keys, values and order
+    assert ArtifactMetadata.from_dict(meta.to_dict()) == meta
+
+
+def test_keys_a_later_version_adds_survive_a_round_trip():
+    written = {**json.loads(FIXTURE.read_text()), "calibration": {"ece": 0.02}}
+    written["preprocessing"] = {**written["preprocessing"], "color_space": "RGB"}
+    meta = ArtifactMetadata.from_dict(written)
+    assert meta.extra == {"calibration": {"ece": 0.02}} and meta.preprocessing.extra == {"color_space": "RGB"}
+    assert meta.to_dict() == written
+
+
+def test_the_three_facts_other_tools_state_are_enough():
+    # torchvision's weights API gives class names and preprocessing; the older preprocessing had no interpolation.
+    meta = ArtifactMetadata.from_dict(
+        {
+            "arch": "resnet18",
+            "class_names": ["a", "b"],
+            "preprocessing": {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.25] * 3},
+            "url": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        }
+    )
+    assert meta.num_classes == 2 and meta.preprocessing.image_size == 224 and meta.extra["url"].endswith(".pth")
+    assert meta.preprocessing.interpolation == "bilinear" and meta.metrics == {} and meta.parent is None
+
+
+@pytest.mark.parametrize(
+    ("drop", "said"),
+    [
+        ("arch", "models/pets/v001 carries incomplete retrain metadata (arch missing)"),
+        (None, "models/pets/v001 carries no retrain metadata (arch, class_names, preprocessing missing)"),
+        ("preprocessing.crop", "models/pets/v001 records incomplete preprocessing (crop missing)"),
+    ],
+)
+def test_a_missing_required_key_is_named_with_the_fix(drop, said):
+    written = json.loads(FIXTURE.read_text()) if drop else {"name": "pets"}
+    if drop == "arch":
+        del written["arch"]
+    elif drop:
+        del written["preprocessing"]["crop"]
+    with pytest.raises(ArtifactError) as info:
+        ArtifactMetadata.from_dict(written, source="models/pets/v001")
+    assert str(info.value).startswith(said)
+    assert "Fix: point to the checkpoint or registry version the model came from" in str(info.value)
+
+
+def test_damaged_values_are_artifact_errors_not_tracebacks():
+    written = json.loads(FIXTURE.read_text())
+    with pytest.raises(ArtifactError, match="num_classes is 4 but class_names lists 3"):
+        ArtifactMetadata.from_dict({**written, "num_classes": 4})
+    with pytest.raises(ArtifactError, match="class_names is 'cat,dog', expected a list"):
+        ArtifactMetadata.from_dict({**written, "class_names": "cat,dog"})
+    with pytest.raises(ArtifactError, match="damaged preprocessing metadata"):
+        ArtifactMetadata.from_dict({**written, "preprocessing": {**written["preprocessing"], "crop": "big"}})
