@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LambdaCallback
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -24,10 +26,12 @@ from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
 from retrain.callbacks.preemption import Preemption, preemption_checkpoint
 from retrain.callbacks.run_report import finish_report
 from retrain.callbacks.unfreeze import ProgressiveUnfreeze
+from retrain.data.datamodule import ImageFolderDataModule
+from retrain.data.splits import DataSplits
 from retrain.errors import ConfigError
 from retrain.export.qat import finish_qat, start_qat
 from retrain.inference.deploy_info import deploy_info
-from retrain.model.feature_cache import feature_cache_for
+from retrain.model.feature_cache import FeatureCache, feature_cache_for
 from retrain.model.module import ClassifierModule
 from retrain.model.pruning import make_permanent, prune_from_config
 from retrain.model.resnet import build_resnet
@@ -133,6 +137,49 @@ def _module(
     )
 
 
+@dataclass
+class DataParts:
+    """What the data phase produced: the split, the files it left out, and the DataModule over it."""
+
+    splits: DataSplits
+    bad_files: list[str]
+    datamodule: ImageFolderDataModule
+
+
+@dataclass
+class ModelParts:
+    """What the model phase produced: the network with its weights, what is frozen, and the callbacks it shapes."""
+
+    net: torch.nn.Module
+    parent: dict[str, Any] | None  # lineage: the file this run was resumed or initialised from
+    frozen: list[str]
+    callbacks: list[L.Callback]
+    unfreeze: ProgressiveUnfreeze | None
+    pruning: dict[str, Any] | None
+    qat: DictConfig | None
+
+
+@dataclass
+class Run:
+    """Everything fit, test and publish need, built by the phases of `train` in order."""
+
+    cfg: DictConfig
+    run_dir: Path
+    resume_path: Path | None
+    resumed: Artifact | None
+    data: DataParts
+    model: ModelParts
+    reservation: registry.Reservation | None
+    module: ClassifierModule
+    checkpoints: list[VersionedCheckpoint]
+    cache: FeatureCache | None
+    cache_blockers: list[str]
+    fit_data: L.LightningDataModule
+    lr_find: dict[str, Any] | None
+    loggers: list[Logger]
+    trainer: L.Trainer
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test and publish one model; returns what results.json holds."""
     console.filter_known_warnings()
@@ -143,6 +190,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = output_dir()  # in a sweep, run_task has pointed DDP's re-launched ranks at this job (sweep_job)
     resume_path = resolve_resume(cfg)
     resumed = read_artifact(resume_path, allow_pickle=cfg.model.allow_pickle) if resume_path else None
+    data = _data_phase(cfg, run_dir, resumed)
+    model = _model_phase(cfg, data, resumed, resume_path)
+    run = _trainer_phase(cfg, run_dir, resume_path, resumed, data, model)
+    # SIGTERM from here to publish stops the run at the next step boundary with exit 143 (see Preemption).
+    preemption = Preemption(run.trainer, run_dir, str(cfg.name), HydraConfig.get().overrides.task, run.reservation)
+    with preemption:
+        _fit_phase(run, preemption)
+        if not run.trainer.is_global_zero:
+            return {}
+        best = _load_best(run)
+        test_metrics = _test_phase(run, preemption)
+        results = _results(cfg, run.module, run.trainer, best, test_metrics, run_dir, data.bad_files)
+        results.update(
+            unfreeze=model.unfreeze.summary() if model.unfreeze else None,
+            feature_cache=run.cache.summary() if run.cache else {"enabled": False, "blocked_by": run.cache_blockers},
+            lr_find=run.lr_find,
+            report=finish_report(model.callbacks, test_metrics),
+            prune=model.pruning,
+        )
+        _publish_phase(run, preemption, best, results)
+        write_json(run_dir / "results.json", results)
+        console.print_summary(results, cfg)
+    return results
+
+
+def _data_phase(cfg: DictConfig, run_dir: Path, resumed: Artifact | None) -> DataParts:
+    """Scan and split the images (reusing a resumed run's split) and record the split in the run folder."""
     recorded = ((resumed.metadata or {}).get("dataset") if resumed else None) or None
     splits, bad_files = prepare_splits(cfg.data, recorded)
     datamodule = make_datamodule(splits, cfg.data)
@@ -151,10 +225,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # workers started per epoch are seeded from that epoch's seed, which makes resume exact.
         log.info("trainer.deterministic: loader workers restart every epoch (persistent_workers=false)")
         datamodule.persistent_workers = False
-    classes = splits.class_names
+    if is_rank_zero():
+        splits.save(run_dir / "split.json")
+        if bad_files:
+            (run_dir / "bad_files.txt").write_text("\n".join(bad_files) + "\n")
+    return DataParts(splits, bad_files, datamodule)
 
-    net = build_resnet(cfg.model.arch, len(classes))
-    artifact = _init_weights(net, cfg.model, Path(cfg.paths.model_dir)) if resumed is None else None
+
+def _model_phase(cfg: DictConfig, data: DataParts, resumed: Artifact | None, resume_path: Path | None) -> ModelParts:
+    """Build the network for the data's classes, load its weights, freeze, prune or prepare QAT as configured."""
+    net = build_resnet(cfg.model.arch, len(data.splits.class_names))
+    source = _init_weights(net, cfg.model, Path(cfg.paths.model_dir)) if resumed is None else None
     callbacks = console.without_disabled_progress_bar(make_callbacks(cfg), cfg.trainer.enable_progress_bar)
     unfreeze = next((cb for cb in callbacks if isinstance(cb, ProgressiveUnfreeze)), None)
     frozen = parse_freeze(cfg.model.freeze)
@@ -164,119 +245,151 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pruning = prune_from_config(net, cfg.model.prune.amount, cfg.model.prune.method)  # None: no pruning
     qat = cfg.get("qat")  # set by experiment=qat
     if qat is not None:
-        net = start_qat(
-            net, cfg, frozen=frozen, image_size=datamodule.preprocessing["crop"], resuming=resumed is not None
-        )
+        crop = data.datamodule.preprocessing["crop"]
+        net = start_qat(net, cfg, frozen=frozen, image_size=crop, resuming=resumed is not None)
     if resumed is not None and pruning is None and qat is None:  # those two change the model's keys
         # Lightning's strict load would fail only later, with a raw traceback; this names the keys that differ.
         load_weights(net, resumed.state_dict, source=str(resume_path), replace_head=False)
+    parent = _parent(resumed, str(resume_path), "resumed") or _parent(source, cfg.model.init_from, "init_from")
+    return ModelParts(net, parent, frozen, callbacks, unfreeze, pruning, qat)
 
-    reservation = _version_for_this_run(cfg)
-    version = reservation.version if reservation else 0
-    if reservation is not None:  # each epoch tells `registry gc` on other hosts that this run is alive
-        callbacks.append(LambdaCallback(on_train_epoch_end=lambda *_: registry.keep_alive(reservation)))
-    if is_rank_zero():
-        split_file = run_dir / "split.json"
-        splits.save(split_file)
-        if bad_files:
-            (run_dir / "bad_files.txt").write_text("\n".join(bad_files) + "\n")
+
+def _metadata_phase(cfg: DictConfig, run_dir: Path, data: DataParts, model: ModelParts, version: int) -> dict[str, Any]:
+    """What every checkpoint and published file of this run carries (see artifacts/metadata.py)."""
     dataset_facts = {
-        **datamodule.describe(),
+        **data.datamodule.describe(),
         "split_file": str(run_dir / "split.json"),
-        "bad_files": len(bad_files),
+        "bad_files": len(data.bad_files),
     }
     metadata = new_metadata(
         name=str(cfg.name),
         version=version,
         arch=cfg.model.arch,
-        class_names=classes,
-        preprocessing=datamodule.preprocessing,
-        augment=datamodule.augment,
+        class_names=data.splits.class_names,
+        preprocessing=data.datamodule.preprocessing,
+        augment=data.datamodule.augment,
         config=plain(cfg),
         dataset=dataset_facts,
-        parent=_parent(resumed, str(resume_path), "resumed") or _parent(artifact, cfg.model.init_from, "init_from"),
-        freeze=frozen,
+        parent=model.parent,
+        freeze=model.frozen,
         train_bn=cfg.model.train_bn,
     )
-    if pruning:
-        metadata["prune"] = pruning
-    if qat is not None:
+    if model.pruning:
+        metadata["prune"] = model.pruning
+    if model.qat is not None:
         metadata["quantization"] = "qat"
-    module = _module(net, cfg, classes, frozen, metadata)
+    return metadata
+
+
+def _trainer_phase(
+    cfg: DictConfig,
+    run_dir: Path,
+    resume_path: Path | None,
+    resumed: Artifact | None,
+    data: DataParts,
+    model: ModelParts,
+) -> Run:
+    """Reserve a version, wrap the network in the LightningModule, set up the feature cache and the Trainer."""
+    reservation = _version_for_this_run(cfg)
+    callbacks = model.callbacks
+    if reservation is not None:  # each epoch tells `registry gc` on other hosts that this run is alive
+        callbacks.append(LambdaCallback(on_train_epoch_end=lambda *_: registry.keep_alive(reservation)))
+    version = reservation.version if reservation else 0
+    metadata = _metadata_phase(cfg, run_dir, data, model, version)
+    module = _module(model.net, cfg, data.splits.class_names, model.frozen, metadata)
     checkpoints = [cb for cb in callbacks if isinstance(cb, VersionedCheckpoint)]
     for cb in checkpoints:
         cb.stamp(str(cfg.name), version)
     cache, cache_blockers = feature_cache_for(
         cfg.model,
-        frozen=frozen,
-        augment=datamodule.augment,
-        unfreezes_later=bool(unfreeze and unfreeze.unfreezes_later()),
+        frozen=model.frozen,
+        augment=data.datamodule.augment,
+        unfreezes_later=bool(model.unfreeze and model.unfreeze.unfreezes_later()),
         directory=run_dir / "feature_cache",
-        mixes_batches=datamodule.mixes_batches,
+        mixes_batches=data.datamodule.mixes_batches,
     )
-    data: L.LightningDataModule = datamodule if cache is None else cache.wrap(datamodule)
+    fit_data: L.LightningDataModule = data.datamodule if cache is None else cache.wrap(data.datamodule)
     if cache is not None:
         callbacks.append(cache)
-    lr_find = None
-    if cfg.tune.lr_find:
-        lr_find = find_lr(
-            module,
-            data,
-            tune=cfg.tune,
-            trainer_cfg=cfg.trainer,
-            run_dir=run_dir,
-            user_lr=lr_set_by_user(HydraConfig.get().overrides.task),
-            resuming=resume_path is not None,
-        )
+    lr_find = _tune_phase(cfg, module, fit_data, run_dir, resuming=resume_path is not None)
     loggers = make_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
     log_run_facts(loggers, metadata)
-    # SIGTERM from here to publish stops the run at the next step boundary with exit 143 (see Preemption).
-    preemption = Preemption(trainer, run_dir, str(cfg.name), HydraConfig.get().overrides.task, reservation)
-    with preemption:
-        try:
-            trainer.fit(module, datamodule=data, ckpt_path=resume_path)
-        except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt
-            preemption.stop("fit", preemption_checkpoint(callbacks) or _resume_point(checkpoints, resume_path))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # test and publish run in rank 0 alone
-        if not trainer.is_global_zero:
-            return {}
-        last = _resume_point(checkpoints, resume_path)
+    return Run(
+        cfg, run_dir, resume_path, resumed, data, model, reservation, module, checkpoints, cache, cache_blockers,
+        fit_data, lr_find, loggers, trainer,
+    )  # fmt: skip
 
-        best = next((cb for cb in checkpoints if cb.monitor and cb.best_model_path), None)
+
+def _tune_phase(
+    cfg: DictConfig, module: ClassifierModule, fit_data: L.LightningDataModule, run_dir: Path, *, resuming: bool
+) -> dict[str, Any] | None:
+    """The LR range test (`tune.lr_find=true`), before the Trainer exists; None when it is off."""
+    if not cfg.tune.lr_find:
+        return None
+    return find_lr(
+        module,
+        fit_data,
+        tune=cfg.tune,
+        trainer_cfg=cfg.trainer,
+        run_dir=run_dir,
+        user_lr=lr_set_by_user(HydraConfig.get().overrides.task),
+        resuming=resuming,
+    )
+
+
+def _fit_phase(run: Run, preemption: Preemption) -> None:
+    """Trainer.fit (resuming from `ckpt_path`); on SIGTERM stop with the command that resumes."""
+    try:
+        run.trainer.fit(run.module, datamodule=run.fit_data, ckpt_path=run.resume_path)
+    except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt
+        last = preemption_checkpoint(run.model.callbacks) or _resume_point(run.checkpoints, run.resume_path)
+        preemption.stop("fit", last)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # test and publish run in rank 0 alone
+
+
+def _load_best(run: Run) -> VersionedCheckpoint | None:
+    """Put the best checkpoint's weights into the module (test and publish the best, not the last, weights)."""
+    best = next((cb for cb in run.checkpoints if cb.monitor and cb.best_model_path), None)
+    if best is not None:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        run.module.load_state_dict(state)
+    if run.model.pruning:  # fold the masks in: what is tested and published is a plain ResNet with zeros
+        run.model.pruning["sparsity"] = make_permanent(run.module.model)
+    return best
+
+
+def _test_phase(run: Run, preemption: Preemption) -> dict[str, float]:
+    """Score the test split once, in one process (`test=false` skips it)."""
+    if not run.cfg.test:
+        return {}
+    last = _resume_point(run.checkpoints, run.resume_path)
+    tester = single_device_trainer(run.cfg.trainer, run.loggers)
+    preemption.stop_if_received("test", last)
+    out: list[Any] = []
+    try:
+        out = tester.test(run.module, datamodule=run.fit_data, verbose=False)
+    except SIGTERMException:  # the test loop stops between batches, as fit's do
+        preemption.stop("test", last)
+    return {k: float(v) for k, v in out[0].items()} if out else {}
+
+
+def _publish_phase(run: Run, preemption: Preemption, best: VersionedCheckpoint | None, results: dict[str, Any]) -> None:
+    """Finish QAT, then publish the tested weights into the reserved registry version."""
+    cfg, module = run.cfg, run.module
+    if run.model.qat is not None:
+        version = run.reservation.version if run.reservation else 0
+        info = deploy_info(module.metadata, f"{cfg.name}@{registry.version_dirname(version)}")
+        loader = run.data.datamodule.val_dataloader()
+        results["qat"] = finish_qat(module.model, info, run.run_dir / "exports", loader, run.model.qat)
+    # From here on a SIGTERM waits for the ~1 s publish.
+    preemption.stop_if_received("publish", _resume_point(run.checkpoints, run.resume_path))
+    if run.reservation is not None:
         best_path = Path(best.best_model_path) if best else None
-        if best_path:  # test and publish the best weights, not the last ones
-            module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
-        if pruning:  # fold the masks in: what is tested and published is a plain ResNet with zeros
-            pruning["sparsity"] = make_permanent(module.model)
-        test_metrics: dict[str, float] = {}
-        if cfg.test:
-            tester = single_device_trainer(cfg.trainer, loggers)
-            preemption.stop_if_received("test", last)
-            try:
-                out = tester.test(module, datamodule=data, verbose=False)
-            except SIGTERMException:  # the test loop stops between batches, as fit's do
-                preemption.stop("test", last)
-            test_metrics = {k: float(v) for k, v in out[0].items()} if out else {}
-
-        results = _results(cfg, module, trainer, best, test_metrics, run_dir, bad_files)
-        results["unfreeze"] = unfreeze.summary() if unfreeze else None
-        results["feature_cache"] = cache.summary() if cache else {"enabled": False, "blocked_by": cache_blockers}
-        results["lr_find"] = lr_find
-        results["report"] = finish_report(callbacks, test_metrics)
-        results["prune"] = pruning
-        if qat is not None:
-            info = deploy_info(module.metadata, f"{cfg.name}@{registry.version_dirname(version)}")
-            results["qat"] = finish_qat(module.model, info, run_dir / "exports", datamodule.val_dataloader(), qat)
-        preemption.stop_if_received("publish", last)  # from here on a SIGTERM waits for the ~1 s publish
-        if reservation is not None:
-            results["registry"] = publish_version(
-                reservation, module.model, module.metadata, best_path, results, full_model=cfg.save.full_model
-            )
-        write_json(run_dir / "results.json", results)
-        console.print_summary(results, cfg)
-    return results
+        results["registry"] = publish_version(
+            run.reservation, module.model, module.metadata, best_path, results, full_model=cfg.save.full_model
+        )
 
 
 def _results(
