@@ -5,7 +5,8 @@ Helpers live in tests/clitools.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,19 @@ from clitools import make_imagefolder
 from retrain.artifacts.formats import save_safetensors, save_weights_pth
 from retrain.artifacts.registry import publish, reserve_version
 from retrain.utils.io import write_json
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_temp_files_after_a_green_run(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[None]:
+    """Remove this session's temp folder when every test passed: module-scoped runs keep 45-90 MB checkpoints there.
+
+    tmp_path_retention_policy=failed (pyproject) already drops each passing test's own tmp_path.
+    """
+    yield
+    if request.session.testsfailed == 0:
+        shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
