@@ -89,8 +89,22 @@ def send_library_logs_to_run_log() -> None:
 
 
 def without_disabled_progress_bar(callbacks: list[L.Callback], enabled: bool) -> list[L.Callback]:
-    """Drop the configured progress bar when `trainer.enable_progress_bar=false` (Lightning rejects both at once)."""
+    """Drop the configured progress bar when `trainer.enable_progress_bar=false` (Lightning rejects both at once).
+
+    The default is `${stdout_isatty:}`: the Rich bar in a terminal, none in a job log or a pipe, where the
+    EpochLog callback writes one line per epoch instead.
+    """
     return callbacks if enabled else [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+
+
+def log_to_run_log_only(logger: logging.Logger, message: str) -> None:
+    """Write an INFO line to the run log files only: on screen a progress bar already shows the same facts."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    record = logger.makeRecord(logger.name, logging.INFO, "(run log)", 0, message, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 def _console() -> Console:

@@ -75,8 +75,14 @@ def study_storage(resume: Any, sweep_dir: str) -> str:
     return f"sqlite:///{study}"
 
 
+def stdout_isatty() -> bool:
+    """Whether stdout is a terminal: a live progress bar helps there, and wraps into noise in a log file or pipe."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def register_resolvers() -> None:
-    """Make `${run_id:}` (cached: one value per process), `${abspath:PATH}` and `${cpu_precision:}` available."""
+    """Make the configs' resolvers available: run_id (one per process), abspath, cpu_precision, study_storage, ..."""
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
     if not OmegaConf.has_resolver("abspath"):
@@ -85,6 +91,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
     if not OmegaConf.has_resolver("study_storage"):  # conf/hparams_search/optuna.yaml
         OmegaConf.register_new_resolver("study_storage", study_storage)
+    if not OmegaConf.has_resolver("stdout_isatty"):  # conf/trainer/default.yaml: a progress bar only in a terminal
+        OmegaConf.register_new_resolver("stdout_isatty", stdout_isatty)
 
 
 def output_dir() -> Path:
