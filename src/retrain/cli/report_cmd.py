@@ -15,12 +15,10 @@ from typing import Any
 import yaml
 
 from retrain.analysis.report_files import HISTORY_FILE, ReportInputs, predict_samples, write_report
+from retrain.artifacts.metadata import ArtifactMetadata
 from retrain.artifacts.registry import resolve
-from retrain.artifacts.sources import load_source
-from retrain.data.splits import DataSplits, discover, load_recorded
 from retrain.errors import ArtifactError, DataError
-from retrain.model.resnet import build_resnet
-from retrain.model.surgery import load_weights
+from retrain.model.loading import load_trained, trained_splits
 from retrain.utils.io import read_json
 
 
@@ -35,24 +33,6 @@ def _artifact_folder(source: str, model_dir: Path) -> Path | None:
         path = path.resolve()
         return path if path.is_dir() else path.parent
     return resolve(model_dir, source) if "@" in source else None
-
-
-def _splits(dataset: dict[str, Any], data_root: str | None, source: str) -> DataSplits:
-    root = data_root or dataset.get("root")
-    if not root:
-        raise DataError(
-            f"{source} does not record its dataset root. Expected metadata written by `python train.py`. "
-            "Fix: pass --data-root DIR (the image folder it was trained on)."
-        )
-    split_file = Path(str(dataset.get("split_file") or "/nonexistent"))
-    if split_file.is_file():
-        return load_recorded(split_file, root)
-    return discover(
-        root,
-        val_fraction=dataset.get("val_fraction", 0.1),
-        test_fraction=dataset.get("test_fraction", 0.1),
-        seed=dataset.get("split_seed", 0),
-    )
 
 
 def _run_files(run_dir: Path) -> tuple[list[str], list[str]]:
@@ -73,12 +53,12 @@ def _unfreeze_milestones(results: dict[str, Any]) -> list[dict[str, Any]]:
     return milestones
 
 
-def _history(folders: list[Path], results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+def _history(folders: list[Path], results: dict[str, Any], meta: ArtifactMetadata) -> dict[str, Any]:
     for folder in folders:
         if (folder / "report" / HISTORY_FILE).is_file():
             return read_json(folder / "report" / HISTORY_FILE)
     # No report beside the model (made without the report callback): what the run and checkpoint recorded.
-    history = results.get("history") or meta.get("history") or []
+    history = results.get("history") or meta.history or []
     return {"history": history, "milestones": _unfreeze_milestones(results)}
 
 
@@ -106,39 +86,24 @@ def rebuild(
                 f"{run_dir} has no checkpoint to score (results.json names {source or 'none'}). Expected a run "
                 "that saved checkpoints. Fix: pass a checkpoint or registry version instead."
             )
-    artifact = load_source(source, model_dir=model_dir)
-    meta = artifact.metadata or {}
-    if not {"arch", "class_names", "preprocessing"} <= set(meta):
-        raise ArtifactError(
-            f"{source} carries no retrain metadata (arch, class_names, preprocessing), so its classes and "
-            "preprocessing are unknown. Expected a file written by retrain (.ckpt, .safetensors or a registry "
-            "version). Fix: point at the run folder or the registry version the model came from."
-        )
-    dataset = meta.get("dataset") or {}
-    if run_dir is None and dataset.get("split_file") and Path(dataset["split_file"]).is_file():
-        run_dir = Path(dataset["split_file"]).parent
-    splits = _splits(dataset, data_root, source)
-    if splits.class_names != meta["class_names"]:
-        raise DataError(
-            f"The classes in {splits.root} ({splits.class_names}) differ from the model's ({meta['class_names']}). "
-            "Expected the folder the model was trained on. Fix: pass --data-root with that folder."
-        )
+    net, meta = load_trained(source, model_dir=model_dir)
+    splits = trained_splits(meta, data_root, source=source, option="--data-root DIR", moved=True)
     if split not in splits.samples:
         raise DataError(f"{splits.root} has no {split!r} split; it has {sorted(splits.samples)}. Fix: --split val.")
-
-    net = build_resnet(meta["arch"], len(meta["class_names"]))
-    load_weights(net, artifact.state_dict, source=source, replace_head=False)
-    predictions = predict_samples(net, splits.samples[split], meta["preprocessing"], device=device)
+    dataset = meta.dataset
+    if run_dir is None and dataset.get("split_file") and Path(dataset["split_file"]).is_file():
+        run_dir = Path(dataset["split_file"]).parent
+    predictions = predict_samples(net, splits.samples[split], meta.preprocessing.to_dict(), device=device)
     folders = [f for f in (run_dir, _artifact_folder(source, model_dir)) if f is not None]
     from_run = bool(results)
     results = results or next((read_json(f / "results.json") for f in folders if (f / "results.json").is_file()), {})
     recorded = _history(folders, results, meta)
-    summary = meta.get("results") or results
+    summary = meta.results or results
     overrides, bad_files = _run_files(run_dir) if run_dir else ([], [])
-    version = int(meta.get("version") or 0)
+    version = meta.version or 0
     inputs = ReportInputs(
-        title=f"Report: {meta.get('name', 'model')} v{version:03d}",
-        class_names=list(meta["class_names"]),
+        title=f"Report: {meta.name or 'model'} v{version:03d}",
+        class_names=meta.class_names,
         history=recorded["history"],
         milestones=recorded["milestones"],
         predictions=predictions,
@@ -152,11 +117,7 @@ def rebuild(
         bad_files=bad_files,
     )
     if out is None:  # a run's report is rebuilt in place; a registry version is never written to
-        out = (
-            run_dir / "report"
-            if run_dir and from_run
-            else Path("reports") / f"{meta.get('name', 'model')}-v{version:03d}"
-        )
+        out = run_dir / "report" if run_dir and from_run else Path("reports") / f"{meta.name or 'model'}-v{version:03d}"
     return write_report(inputs, out, top_k=top_k)[0]
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,28 @@ def load_recorded(path: Path, root: str | Path) -> DataSplits:
             f"e.g. {missing[0]}. Fix: point data.root at the original folder, or start a new run."
         )
     return splits
+
+
+def split_as_recorded(
+    root: str | Path,
+    recorded: Mapping[str, Any] | None,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> DataSplits:
+    """The split a run recorded, made again at `root`, so resume, eval and reports score the images it held out.
+
+    A flat folder reloads the run's file list while its split file exists; otherwise the folder is discovered with
+    the recorded fractions and seed (the given ones where nothing was recorded).
+    """
+    recorded = recorded or {}
+    split_file = recorded.get("split_file")
+    if split_file and Path(split_file).is_file() and recorded.get("layout") == "folder":
+        return load_recorded(Path(split_file), root)
+    return discover(
+        root,
+        val_fraction=recorded.get("val_fraction", val_fraction),
+        test_fraction=recorded.get("test_fraction", test_fraction),
+        seed=recorded.get("split_seed", seed),
+    )

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.demo import build_demo_dataset
 from retrain.data.images import IMAGE_PROBLEM_KINDS
-from retrain.data.splits import DataSplits, discover, load_recorded
+from retrain.data.splits import DataSplits, split_as_recorded
 from retrain.data.validate import ERROR_KINDS, ValidationReport, raise_for_bad_files, scan
 from retrain.errors import ConfigError, DataError
 from retrain.utils.ranks import is_rank_zero
@@ -43,16 +43,12 @@ def find_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None) ->
             "data.root is not set. Expected the folder of your images: DIR/<class>/* or DIR/train/<class>/*. "
             "Fix: python train.py data.root=/path/to/images (or `make train` for the built-in demo data)."
         )
-    recorded = recorded or {}
-    split_file = recorded.get("split_file")
-    if split_file and Path(split_file).exists() and recorded.get("layout") == "folder":
-        return load_recorded(Path(split_file), data_cfg.root)
-    return discover(
-        data_cfg.root,
-        val_fraction=recorded.get("val_fraction", data_cfg.val_fraction),
-        test_fraction=recorded.get("test_fraction", data_cfg.test_fraction),
-        seed=recorded.get("split_seed", data_cfg.split_seed),
-    )
+    return split_as_recorded(data_cfg.root, recorded, **split_options(data_cfg))
+
+
+def split_options(data_cfg: DictConfig) -> dict[str, Any]:
+    """How to split a flat folder when no split was recorded: data.val_fraction, test_fraction and split_seed."""
+    return {"val_fraction": data_cfg.val_fraction, "test_fraction": data_cfg.test_fraction, "seed": data_cfg.split_seed}
 
 
 def prepare_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None) -> tuple[DataSplits, list[str]]:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from retrain.artifacts import registry
+from retrain.artifacts.metadata import Preprocessing
 from retrain.data.datamodule import ImageListDataset, default_num_workers
 from retrain.data.splits import DataSplits, Sample
 from retrain.data.transforms import eval_transforms
@@ -24,8 +25,8 @@ from retrain.export.quantize import quantize_ptq, save_int8
 from retrain.export.torchscript import export_torchscript
 from retrain.inference.deploy_info import deploy_info, to_props, write_sidecar
 from retrain.inference.runtimes import FILE_NAMES
-from retrain.tasks.common import find_splits
-from retrain.tasks.eval import load_classifier
+from retrain.model.loading import load_trained, trained_splits
+from retrain.tasks.common import split_options
 from retrain.utils.hydra import output_dir
 from retrain.utils.io import write_json
 
@@ -43,16 +44,15 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.export.bench.threads))
     source = str(cfg.ckpt_path)
     model_dir = Path(cfg.paths.model_dir)
-    module, meta = load_classifier(source, model_dir=model_dir, allow_pickle=cfg.allow_pickle)
-    model = module.model.eval()
-    info = deploy_info(meta, source)
+    model, meta = load_trained(source, model_dir=model_dir, allow_pickle=cfg.allow_pickle)
+    info = deploy_info(meta.to_dict(), source)
     props = to_props(info)
-    pre = meta["preprocessing"]
-    splits = _splits(cfg, meta)
+    pre = meta.preprocessing
+    splits = trained_splits(meta, cfg.data.root, source=source, **split_options(cfg.data))
     out_dir = _out_dir(cfg, source, model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Batch 2: torch.export specializes sizes 0 and 1, which would fix the batch axis.
-    example = torch.randn(2, 3, int(pre["crop"]), int(pre["crop"]), generator=torch.Generator().manual_seed(cfg.seed))
+    example = torch.randn(2, 3, pre.crop, pre.crop, generator=torch.Generator().manual_seed(cfg.seed))
 
     files: dict[str, Path] = {}
     for fmt in formats:
@@ -120,28 +120,6 @@ def _out_dir(cfg: DictConfig, source: str, model_dir: Path) -> Path:
     return Path(str(cfg.export.out_dir)).expanduser().resolve()
 
 
-def _splits(cfg: DictConfig, meta: dict[str, Any]) -> DataSplits:
-    """The model's own data (recorded in its metadata) unless data.root names another folder with its classes."""
-    recorded = meta.get("dataset") or {}
-    root = cfg.data.root or recorded.get("root")
-    if root is None:
-        raise ConfigError(
-            f"{cfg.ckpt_path} records no dataset, and data.root is not set. Expected images to calibrate int8 "
-            "and to verify every export on (DIR/train/<class>/*, DIR/val/<class>/* or DIR/<class>/*). "
-            "Fix: pass data.root=DIR with the model's classes."
-        )
-    same_root = Path(str(root)).expanduser().resolve() == Path(recorded.get("root", "/nonexistent"))
-    data_cfg = OmegaConf.merge(cfg.data, {"root": str(root)})
-    assert isinstance(data_cfg, DictConfig)
-    splits = find_splits(data_cfg, recorded if same_root else None)
-    if splits.class_names != meta["class_names"]:
-        raise DataError(
-            f"The classes in {root} ({splits.class_names}) differ from the model's ({meta['class_names']}). "
-            "Expected the class folders the model was trained on. Fix: pass data.root=DIR with those classes."
-        )
-    return splits
-
-
 def _subset(splits: DataSplits, split: str, limit: int | None, seed: int) -> list[Sample]:
     """Up to `limit` samples of a split, drawn with a fixed seed so every class is represented."""
     samples = list(splits.samples.get(split) or [])
@@ -152,10 +130,10 @@ def _subset(splits: DataSplits, split: str, limit: int | None, seed: int) -> lis
     return samples
 
 
-def _loader(cfg: DictConfig, samples: list[Sample], pre: dict[str, Any]) -> DataLoader:
+def _loader(cfg: DictConfig, samples: list[Sample], pre: Preprocessing) -> DataLoader:
     workers = default_num_workers() if cfg.data.num_workers is None else int(cfg.data.num_workers)
-    min_size = int(pre["resize"]) if cfg.data.fast_decode else None
-    dataset = ImageListDataset(samples, eval_transforms(pre), min_size)
+    min_size = pre.resize if cfg.data.fast_decode else None
+    dataset = ImageListDataset(samples, eval_transforms(pre.to_dict()), min_size)
     return DataLoader(dataset, batch_size=int(cfg.export.batch_size), num_workers=workers)
 
 

@@ -15,9 +15,11 @@ from rich.progress import track
 from torch.utils.data import DataLoader
 
 from retrain.errors import ConfigError, DataError
+from retrain.inference.deploy_info import deploy_info
 from retrain.inference.inputs import PredictImages, find_images
 from retrain.inference.predictions import output_format, top_k, write_predictions
 from retrain.inference.runtimes import Runtime, detect_kind, eager_runtime, load_runtime
+from retrain.model.loading import load_trained
 from retrain.utils.hydra import output_dir
 from retrain.utils.io import write_json
 
@@ -28,12 +30,8 @@ def load_predictor(source: str, *, model_dir: Path, allow_pickle: bool) -> Runti
     """An exported file (.onnx, TorchScript, .pt2) in its own runtime, or any other SOURCE as the eager model."""
     if detect_kind(Path(source).expanduser()) is not None:
         return load_runtime(Path(source).expanduser())
-    # Imported only here: it brings Lightning (~7 s), which exported files never need.
-    from retrain.inference.deploy_info import deploy_info
-    from retrain.tasks.eval import load_classifier
-
-    module, meta = load_classifier(source, model_dir=model_dir, allow_pickle=allow_pickle)
-    return eager_runtime(module.model, deploy_info(meta, source))
+    net, meta = load_trained(source, model_dir=model_dir, allow_pickle=allow_pickle)
+    return eager_runtime(net, deploy_info(meta.to_dict(), source))
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
