@@ -12,7 +12,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[export,sweep,track,dev]'
+	$(PY) -m pip install -q -e '.[export,sweep,track,docs,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install retrain with every extra
@@ -23,7 +23,10 @@ demo-data: $(STAMP)  ## generate the offline demo ImageFolder in data/demo
 train: $(STAMP)  ## set up and train ResNet18 on the built-in demo data (CPU, a few minutes)
 	$(PY) train.py experiment=demo
 
-test: $(STAMP)  ## run the test suite
+# No --quiet for mkdocs: --strict counts only the warnings it logs.
+test: $(STAMP)  ## build the docs (mkdocs --strict: a broken link fails), then run the test suite
+	@site=$$(mktemp -d); NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $$site; \
+		status=$$?; rm -rf $$site; exit $$status
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --timeout=600 tests
 
 lint: $(STAMP)  ## ruff (lint + format check) and mypy
@@ -42,4 +45,4 @@ bench: $(STAMP)  ## run every benchmark in bench/ at full size and print their t
 	@echo "== bench/gpu.sh is not run here: it needs a CUDA GPU (bash bench/gpu.sh)"
 
 clean:  ## remove caches, logs and generated data (keeps models/ and .venv)
-	rm -rf logs outputs multirun .pytest_cache .ruff_cache .mypy_cache data/demo
+	rm -rf logs outputs multirun site .pytest_cache .ruff_cache .mypy_cache data/demo
