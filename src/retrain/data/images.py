@@ -12,6 +12,7 @@ Decisions:
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from pathlib import Path
@@ -57,14 +58,15 @@ def has_image_extension(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def open_rgb(path: str | Path, min_size: int | None = None, margin: float = DRAFT_MARGIN) -> Image.Image:
+def open_rgb(path: str | Path | bytes, min_size: int | None = None, margin: float = DRAFT_MARGIN) -> Image.Image:
     """Load an upright 8-bit RGB image, decoding big JPEGs at 1/2, 1/4 or 1/8 scale when `min_size` allows it.
 
+    `path` may also be the file's bytes (an upload to the server), decoded exactly as the file would be.
     `min_size` is the shorter side the transforms need (the eval resize, or the smallest random crop). The
     decoder shrinks only while the shorter side stays >= margin * min_size, so the antialiased resize
     after it still reduces the image. See DRAFT_MARGIN for what that costs in pixels and gains in time.
     """
-    with open(path, "rb") as f:
+    with _binary(path) as f:
         img = Image.open(f)
         if min_size is not None:
             request = math.ceil(margin * min_size)
@@ -106,13 +108,15 @@ def inspect_image(path: str | Path, full: bool) -> str | None:
     return problem[0] if problem else None
 
 
-def check_image(path: str | Path, *, full: bool) -> tuple[str, str] | None:
-    """(kind, detail) for a file that training could not read, or None; the detail says what failed.
+def check_image(path: str | Path | bytes, *, full: bool) -> tuple[str, str] | None:
+    """(kind, detail) for a file (or a file's bytes) that training could not read, or None; the detail says what failed.
 
     Bombs are found by their size against Image.MAX_IMAGE_PIXELS, which is never raised. Pillow's
     DecompressionBombWarning is left alone: warning filters are process-wide, so a caller running this in
     threads silences that warning once, around the pool.
     """
+    if isinstance(path, bytes):
+        return _check_stream(io.BytesIO(path), full) if path else (EMPTY, "it is 0 bytes")
     try:
         if Path(path).stat().st_size == 0:
             return EMPTY, "the file is 0 bytes"
@@ -150,6 +154,10 @@ def _check_stream(f: BinaryIO, full: bool) -> tuple[str, str] | None:
         kind = TRUNCATED if isinstance(e, EOFError) or "truncated" in str(e).lower() else CORRUPT
         return kind, f"{type(e).__name__}: {e}"
     return None
+
+
+def _binary(path: str | Path | bytes) -> BinaryIO:
+    return io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb")
 
 
 def _ends_with_jpeg_eoi(f: BinaryIO) -> bool:
