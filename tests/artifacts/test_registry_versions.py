@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from retrain.artifacts.registry import (
     abandon,
+    held,
     list_versions,
     publish,
     reserve_version,
@@ -118,7 +121,11 @@ def test_failed_publish_leaves_earlier_versions_and_latest(tmp_path, monkeypatch
     reservation = reserve_version(tmp_path, "cats")
     write_json(reservation.staging / "metadata.json", {})
 
+    real = getattr(os, call)
+
     def fail(src, dst):
+        if Path(dst).name not in ("v002", "latest"):  # metadata.json's own atomic write still works
+            return real(src, dst)
         raise error
 
     monkeypatch.setattr(os, call, fail)
@@ -214,3 +221,74 @@ def test_list_versions_rows(tmp_path):
     assert "not valid JSON" in rows[2]["problem"]
     assert [r["version"] for r in list_versions(tmp_path, "cats")] == [1, 2]
     assert list_versions(tmp_path / "nothing-here") == []
+
+
+def latest_made_a_real_folder(model_dir: Path, name: str = "cats") -> Path:
+    """What `cp -aL` leaves: latest is a copy of the version it pointed to, not a link."""
+    latest = model_dir / name / "latest"
+    target = latest.resolve()
+    latest.unlink()
+    shutil.copytree(target, latest)
+    return latest
+
+
+def test_latest_as_a_real_folder_is_refused_when_the_run_starts(tmp_path):
+    publish_new(tmp_path)
+    latest = latest_made_a_real_folder(tmp_path)
+    with pytest.raises(RegistryError) as info:
+        reserve_version(tmp_path, "cats")
+    message = str(info.value)
+    assert f"{latest} is a real folder, not the link" in message and "Fix: check that it holds" in message
+    assert f"rm -r {latest}" in message
+    assert sorted(p.name for p in (tmp_path / "cats").iterdir()) == [".latest.lock", "latest", "v001"]
+    shutil.rmtree(latest)  # the fix the message gives
+    assert publish_new(tmp_path).name == "v002" and latest_target(tmp_path) == "v002"
+
+
+def test_latest_turned_into_a_folder_during_a_run_fails_the_publish_cleanly(tmp_path):
+    publish_new(tmp_path)
+    reservation = reserve_version(tmp_path, "cats")
+    write_json(reservation.staging / "metadata.json", {})
+    latest_made_a_real_folder(tmp_path)
+    with pytest.raises(RegistryError, match=r"is a real folder, not the link"):
+        publish(reservation)
+    assert not (tmp_path / "cats" / ".latest.tmp").exists() and not (tmp_path / "cats" / "v002").exists()
+    assert reservation.staging.is_dir()  # kept for a retry once latest is fixed
+
+
+@pytest.mark.parametrize("stop", [RuntimeError("injected"), KeyboardInterrupt(), SystemExit(1)])
+def test_a_held_reservation_is_dropped_when_the_run_fails_or_is_stopped(tmp_path, stop):
+    with pytest.raises(type(stop)), held(reserve_version(tmp_path, "cats")) as reservation:
+        (reservation.staging / "weights.pth").write_bytes(b"half")
+        raise stop
+    assert list((tmp_path / "cats").glob(".*.partial")) == []
+    assert publish_new(tmp_path).name == "v002"  # its number is still never handed out again
+
+
+def test_a_held_reservation_that_was_published_stays(tmp_path):
+    with held(reserve_version(tmp_path, "cats")) as reservation:
+        write_json(reservation.staging / "metadata.json", {})
+        publish(reservation)
+    assert [row["version"] for row in list_versions(tmp_path)] == [1]
+
+
+def test_a_new_class_set_is_announced_naming_both_sets(tmp_path, caplog):
+    publish_new(tmp_path, class_names=["cat", "dog"])
+    with caplog.at_level(logging.WARNING):
+        publish_new(tmp_path, class_names=["cat", "dog"])
+        assert caplog.text == ""
+        publish_new(tmp_path, class_names=["cat", "dog", "fox"])
+    assert "cats@v003 has a new class set: [cat, dog, fox] (3 classes) instead of cats@v002's [cat, dog]" in caplog.text
+    assert "added [fox]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        publish_new(tmp_path, class_names=["dog", "cat", "fox"])
+    assert "the same names in another order" in caplog.text
+
+
+def test_list_rows_carry_classes_and_the_monitored_value(tmp_path):
+    results = {"monitor": "val/acc", "monitor_value": 0.875, "best_epoch": 2, "test": {}}
+    publish_new(tmp_path, class_names=["cat", "dog", "fox", "owl"], results=results)
+    (row,) = list_versions(tmp_path)
+    assert row["classes"] == ["cat", "dog", "fox", "owl"]
+    assert (row["monitor"], row["monitor_value"]) == ("val/acc", 0.875)

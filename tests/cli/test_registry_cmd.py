@@ -20,7 +20,8 @@ def run_cli(*args: str, model_dir) -> subprocess.CompletedProcess[str]:
 
 def test_list_show_and_errors(tmp_path, small_state, publish_version):
     publish_version(small_state)
-    publish_version(small_state, parent={"source": "cats@latest", "name": "cats", "version": 1})
+    results = {"monitor": "val/acc", "monitor_value": 0.8125, "best_epoch": 3, "test": {}}
+    publish_version(small_state, parent={"source": "cats@latest", "name": "cats", "version": 1}, results=results)
     model_dir = tmp_path / "models"
 
     listed = run_cli("list", model_dir=model_dir)  # the model dir comes from RETRAIN_MODEL_DIR
@@ -33,6 +34,7 @@ def test_list_show_and_errors(tmp_path, small_state, publish_version):
     assert "2025-01-02 03:04" in v2
     assert "0.7500" in v2 and "0.5000" in v2  # val/acc and test/acc columns
     assert "cats@v001" in v2
+    assert "3: cat, dog, élan" in v2 and "val/acc 0.8125" in v2  # classes, and the monitored best value
 
     shown = run_cli("--model-dir", str(model_dir), "show", "cats@v2", model_dir=tmp_path / "unused")
     assert shown.returncode == 0, shown.stderr
@@ -43,6 +45,31 @@ def test_list_show_and_errors(tmp_path, small_state, publish_version):
     assert missing.stderr.startswith("error: cats has no version 7")
     assert "v001, v002" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_verify_checks_one_version_or_the_whole_registry(tmp_path, small_state, publish_version):
+    publish_version(small_state)
+    v2 = publish_version(small_state)
+    publish_version(small_state, name="dogs")
+    model_dir = tmp_path / "models"
+    intact = run_cli("verify", model_dir=model_dir)
+    assert intact.returncode == 0, intact.stderr
+    assert [line.split()[:2] for line in intact.stdout.splitlines()] == [
+        ["ok", "cats@v001:"],
+        ["ok", "cats@v002:"],
+        ["ok", "dogs@v001:"],
+    ]
+
+    metadata = json.loads((v2 / "metadata.json").read_text())
+    (v2 / "metadata.json").write_text(json.dumps({**metadata, "class_names": ["dog", "cat", "élan"]}))
+    changed = run_cli("verify", model_dir=model_dir)
+    assert changed.returncode == 1
+    assert "FAILED      cats@v002" in changed.stdout and "ok          dogs@v001" in changed.stdout
+    assert 'class_names is ["dog", "cat", "élan"] in metadata.json, expected ["cat", "dog", "élan"]' in changed.stdout
+    assert changed.stderr.startswith("error: 1 of 3 versions") and "cats@v002" in changed.stderr
+    assert "Fix:" in changed.stderr and "Traceback" not in changed.stderr
+    assert run_cli("verify", "cats@v1", model_dir=model_dir).returncode == 0  # one version: v001 is intact
+    assert run_cli("verify", "cats@v2", model_dir=model_dir).returncode == 1
 
 
 def test_old_python_m_forms_still_work_and_name_the_new_command(tmp_path, small_state, publish_version):

@@ -7,6 +7,7 @@ processes never get the same number), filled by the caller, then published with 
 when it is missing (e.g. the registry was copied without symlinks) readers fall back to the newest vNNN.
 A reservation records its owner (pid, host) in ``.owner.json``, so ``gc`` (registry_gc.py) can remove the staging
 folders of killed runs without touching one a live process holds; numbers are never reused (``.high_water``).
+A run removes its own reservation when it fails (``held``). Publishing records every file's hash (integrity.py).
 Kept free of torch so that ``retrain registry`` starts fast.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -22,16 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retrain.artifacts.integrity import METADATA_FILE, seal
 from retrain.artifacts.owners import owner_record
 from retrain.errors import ArtifactError, RegistryError
 from retrain.utils.io import atomic_write, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 VERSION_DIR_RE = re.compile(r"v(\d{3,})")
 STAGING_RE = re.compile(r"\.v(\d{3,})\.partial")
 TRASH_RE = re.compile(r"\.v(\d{3,})\.gc")  # a reservation gc has claimed and is deleting
 _VERSION_REF_RE = re.compile(r"v?(\d+)")
-METADATA_FILE = "metadata.json"
 LATEST = "latest"
 OWNER_FILE = ".owner.json"
 _HIGH_WATER = ".high_water"  # the highest number given up (gc, failed runs): reserve_version skips past it
@@ -106,6 +110,8 @@ def reserve_version(model_dir: Path, name: str) -> Reservation:
     """Claim the next version number of ``name`` for this writer only, with a staging folder to fill."""
     check_name(name)
     root = Path(model_dir) / name
+    if problem := _latest_problem(root):  # found now, not after hours of training
+        raise RegistryError(problem)
     try:
         root.mkdir(parents=True, exist_ok=True)
         number = max(_taken(root), default=0) + 1
@@ -153,6 +159,12 @@ def publish(reservation: Reservation) -> Path:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(staging / OWNER_FILE)  # run bookkeeping, not part of the model
     try:
+        seal(staging)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _write_owner(staging)
+        raise
+    try:
         os.rename(staging, final)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -169,12 +181,29 @@ def publish(reservation: Reservation) -> Path:
         with contextlib.suppress(OSError):
             os.rename(final, staging)
             _write_owner(staging)
+        fix = _latest_problem(root) or f"Fix: check permissions of {root}, then train again."
         raise RegistryError(
             f"Cannot publish {reservation.name}@{version_dirname(reservation.version)}: updating "
             f"{root / LATEST} failed ({e.strerror or e}). Earlier versions and latest are unchanged; "
-            f"the files stay in {staging}. Fix: check permissions of {root}, then train again."
+            f"the files stay in {staging}. {fix}"
         ) from None
+    _announce_new_classes(root, reservation)
     return final
+
+
+def _latest_problem(root: Path) -> str | None:
+    """Why `latest` could not be moved to a new version (a real folder or file sits there), or None."""
+    latest = root / LATEST
+    if latest.is_symlink() or not latest.exists():
+        return None
+    what = "a real folder" if latest.is_dir() else "a regular file"
+    return (
+        f"{latest} is {what}, not the link to the newest version that retrain keeps there (copying a registry "
+        "with `cp -aL` or a tool that follows links makes one), so no new version of "
+        f"{root.name} can be published. Expected a symlink such as latest -> v003. Fix: check that it holds "
+        f"nothing you need (it is a copy of one version), remove it (rm -r {latest}) and run again; "
+        "the next publish puts the link back."
+    )
 
 
 def _point_latest(root: Path, version: int) -> None:
@@ -187,7 +216,54 @@ def _point_latest(root: Path, version: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.symlink(version_dirname(version), tmp)
-        os.replace(tmp, root / LATEST)
+        try:
+            os.replace(tmp, root / LATEST)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+
+def _class_names(folder: Path) -> list[str] | None:
+    try:
+        names = read_json(folder / METADATA_FILE).get("class_names")
+    except ArtifactError:
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def _shown(names: list[str], limit: int = 20) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return "[" + ", ".join(names[:limit]) + more + "]"
+
+
+def _announce_new_classes(root: Path, reservation: Reservation) -> None:
+    """Warn when a version's classes differ from the previous version's: code using name@latest sees new labels."""
+    earlier = [v for v in _published(root) if v < reservation.version]
+    if not earlier:
+        return
+    previous = root / version_dirname(earlier[-1])
+    before, after = _class_names(previous), _class_names(root / version_dirname(reservation.version))
+    if before is None or after is None or before == after:
+        return
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    change = f"added {_shown(added)}" if added else ""
+    change += ("; " if change and removed else "") + (f"removed {_shown(removed)}" if removed else "")
+    label = f"{reservation.name}@{version_dirname(reservation.version)}"
+    log.warning(
+        "%s has a new class set: %s (%d classes) instead of %s@%s's %s (%d classes)%s. Code that loads "
+        "%s@latest now gets these classes, in this index order.",
+        label,
+        _shown(after),
+        len(after),
+        reservation.name,
+        previous.name,
+        _shown(before),
+        len(before),
+        f": {change}" if change else ": the same names in another order",
+        reservation.name,
+    )
 
 
 def _latest_version(root: Path) -> int | None:
@@ -203,6 +279,20 @@ def keep_alive(reservation: Reservation) -> None:
     """Refresh the reservation's age, so that gc on another host (which judges by age) leaves a long run's alone."""
     with contextlib.suppress(OSError):  # a missed refresh only matters after --older-than-hours of silence
         os.utime(reservation.staging / OWNER_FILE)
+
+
+@contextlib.contextmanager
+def held(reservation: Reservation | None) -> Iterator[Reservation | None]:
+    """Hold a run's reservation: when the run fails or is stopped (an exception, Ctrl-C, exit), abandon it.
+
+    Without this a failed run leaves its ``.vNNN.partial`` for ``gc``. A published reservation is left alone.
+    """
+    try:
+        yield reservation
+    except BaseException:
+        if reservation is not None and reservation.staging.exists():
+            abandon(reservation)
+        raise
 
 
 def abandon(reservation: Reservation) -> None:
@@ -266,7 +356,7 @@ def _parent_label(parent: Any) -> str | None:
 
 
 def list_versions(model_dir: Path, name: str | None = None) -> list[dict[str, Any]]:
-    """Rows describing each published version (name, version, created, metrics, parent), oldest first.
+    """Rows describing each published version (created, classes, monitored value, metrics, parent), oldest first.
 
     A version whose metadata.json is unreadable still gets a row, with the reason under ``problem``.
     """
@@ -287,6 +377,9 @@ def list_versions(model_dir: Path, name: str | None = None) -> list[dict[str, An
                 "path": str(folder),
                 "latest": version == (latest or versions[-1]),
                 "created": None,
+                "classes": [],
+                "monitor": None,
+                "monitor_value": None,
                 "metrics": {},
                 "parent": None,
                 "problem": None,
@@ -296,7 +389,12 @@ def list_versions(model_dir: Path, name: str | None = None) -> list[dict[str, An
             except ArtifactError as e:
                 row["problem"] = str(e)
             else:
+                results = metadata.get("results")
+                results = results if isinstance(results, dict) else {}
                 row["created"] = metadata.get("created")
+                row["classes"] = [str(n) for n in metadata.get("class_names") or []]
+                row["monitor"] = results.get("monitor")
+                row["monitor_value"] = results.get("monitor_value")
                 row["metrics"] = dict(metadata.get("metrics") or {})
                 row["parent"] = _parent_label(metadata.get("parent"))
             rows.append(row)

@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 from retrain.artifacts.formats import WEIGHT_SUFFIXES, Artifact, read_artifact
+from retrain.artifacts.integrity import check_loaded
 from retrain.artifacts.metadata import SCHEMA
 from retrain.artifacts.registry import METADATA_FILE, NAME_RE, VERSION_DIR_RE, known_names, resolve
 from retrain.errors import ArtifactError
@@ -100,7 +101,11 @@ def _load_version_dir(folder: Path, allow_pickle: bool) -> Artifact:
 
 
 def _with_version_metadata(artifact: Artifact) -> Artifact:
-    """Attach the version's metadata.json (authoritative: it holds the final metrics) and its name/version."""
+    """Attach the version's metadata.json (authoritative: it holds the final metrics) and its name/version.
+
+    First the file and metadata.json are checked against what was published (integrity.py), so edited weights
+    or swapped class names are refused instead of changing predictions silently.
+    """
     assert artifact.path is not None
     folder = artifact.path.parent
     identity = _identity(folder)
@@ -108,6 +113,8 @@ def _with_version_metadata(artifact: Artifact) -> Artifact:
     if identity is None or not sidecar.is_file():
         return artifact
     metadata = read_json(sidecar)
+    assert artifact.sha256 is not None  # read_artifact hashes every file it reads
+    check_loaded(folder, artifact.path, artifact.sha256, metadata)
     artifact.metadata = {**metadata, "name": identity[0], "version": identity[1]}
     return artifact
 
