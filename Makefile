@@ -12,7 +12,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[export,sweep,track,docs,dev]'
+	$(PY) -m pip install -q -e '.[export,sweep,track,serve,docs,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install retrain with every extra

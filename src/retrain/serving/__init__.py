@@ -1,0 +1,1 @@
+"""The HTTP inference server behind `python serve.py`: any published model, batched, hot-swappable, measured."""
