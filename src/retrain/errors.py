@@ -23,3 +23,7 @@ class UnsafePickleError(ArtifactError):
 
 class RegistryError(ArtifactError):
     """A registry name or version is unknown, or the registry cannot be written."""
+
+
+class DiskFullError(RetrainError):
+    """A disk filled up while writing a checkpoint or a registry version; what was written before is intact."""

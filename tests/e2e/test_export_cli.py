@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from clitools import FAST, assert_ok, run_cli
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.e2e
 # AdamW on the eval transforms learns the colour-coded classes in a few epochs, so predictions can be checked.
@@ -146,6 +147,5 @@ def test_qat_fine_tunes_a_float_version_and_publishes_its_int8_export(shipped, i
     assert list(report["formats"]) == ["eager", "int8"] and (version / "exports" / "model.int8.pt2").is_file()
     assert report["formats"]["int8"]["agreement"] >= 0.75
     # The fine-tuned float weights are published as plain torchvision keys, without fake-quantizer state.
-    checkpoint = torch.load(version / "model.ckpt", weights_only=True)
-    assert not [k for k in checkpoint["state_dict"] if "activation_post_process" in k]
+    assert not [k for k in load_file(version / "model.safetensors") if "activation_post_process" in k]
     torchvision.models.resnet18(num_classes=3).load_state_dict(torch.load(version / "weights.pth", weights_only=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def test_published_weights_load_into_plain_torchvision_with_same_logits(seed_run
     version = Path(seed_run.first["registry"]["path"])
     model = torchvision.models.resnet18(num_classes=3)
     model.load_state_dict(torch.load(version / "weights.pth"))  # strict, unchanged: the user's own code
-    ckpt = torch.load(version / "model.ckpt", map_location="cpu", weights_only=True)
+    # The version was made from the run's best checkpoint, which stays in the run folder for resuming.
+    ckpt = torch.load(seed_run.first["best_checkpoint"], map_location="cpu", weights_only=True)
     from_ckpt = torchvision.models.resnet18(num_classes=3)
     from_ckpt.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
     from_safetensors = torchvision.models.resnet18(num_classes=3)
@@ -63,6 +65,30 @@ def test_published_weights_load_into_plain_torchvision_with_same_logits(seed_run
     images = torch.randn(4, 3, 32, 32)
     logits = [m.eval()(images) for m in (model, from_ckpt, from_safetensors)]
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
+def test_a_version_holds_weights_and_hashes_not_the_optimizer(seed_run) -> None:
+    version = Path(seed_run.first["registry"]["path"])
+    sizes = {p.name: p.stat().st_size for p in version.iterdir() if p.is_file()}
+    assert set(sizes) == {"weights.pth", "model.safetensors", "model_full.pt", "metadata.json", "results.json"}
+    assert sizes["weights.pth"] + sizes["model.safetensors"] <= 100e6  # 180 MB with model.ckpt's optimizer state
+    meta = json.loads((version / "metadata.json").read_text())
+    assert set(meta["files"]) >= {"weights.pth", "model.safetensors", "model_full.pt", "results.json"}
+    assert meta["checkpoint_path"] == seed_run.first["best_checkpoint"]
+
+
+def test_a_version_edited_after_publishing_is_refused_by_eval(seed_run, imagefolder: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(seed_run.cwd / "models", models, symlinks=True)
+    metadata = models / "resnet18" / "v001" / "metadata.json"
+    meta = json.loads(metadata.read_text())
+    metadata.write_text(json.dumps({**meta, "class_names": ["dog", "cat", "fox"]}))  # every label swapped
+    result = run_cli(
+        "eval.py", "ckpt_path=resnet18@v1", f"data.root={imagefolder}", f"paths.model_dir={models}", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert "Refusing to load resnet18@v001" in result.stderr and "Traceback" not in result.stderr
+    assert 'class_names is ["dog", "cat", "fox"] in metadata.json, expected ["cat", "dog", "fox"]' in result.stderr
 
 
 def test_every_artifact_carries_version_date_and_metadata(seed_run) -> None:
@@ -119,6 +145,9 @@ def test_retrain_from_registry_on_new_classes_names_the_parent(seed_run, tmp_pat
     meta = json.loads((Path(results["registry"]["path"]) / "metadata.json").read_text())
     assert meta["version"] == 2 and meta["parent"]["name"] == "resnet18" and meta["parent"]["version"] == 1
     assert "data has 4" in result.output
+    assert "resnet18@v002 has a new class set: [a, b, c, d] (4 classes) instead of resnet18@v001's [cat, dog, fox]" in (
+        result.output
+    )
 
 
 def test_eval_takes_a_registry_reference(seed_run, imagefolder: Path) -> None:

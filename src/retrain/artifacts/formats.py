@@ -6,16 +6,19 @@ detects the format by content rather than by suffix, and turns every failure int
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import errno
 import json
 import os
 import pickle
 import pickletools
+import shutil
 import struct
 import time
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from retrain.errors import ArtifactError, UnsafePickleError
+from retrain.errors import ArtifactError, DiskFullError, UnsafePickleError
 from retrain.utils.io import atomic_write, sha256_file
 
 HOLD_ENV = "RETRAIN_TEST_HOLD_WRITE"
@@ -75,6 +78,62 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     ``<path>`` exists. A test can thus SIGKILL the process deterministically in the middle of a write.
     """
     atomic_write(Path(path), lambda f: torch.save(obj, f), before_replace=_hold_if_requested)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of all tensors in a (nested) checkpoint or state_dict: about what saving it writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    # torch.save into a Python file reports a failed write as RuntimeError "[enforce fail at inline_container.cc]"
+    # with the OSError as its context; written from C++ it says "file write failed" and carries no errno.
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, RuntimeError) and "file write failed" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for place in (folder, *folder.parents):
+        if place.exists():
+            with contextlib.suppress(OSError):
+                return shutil.disk_usage(place).free
+            return None
+    return None
+
+
+@contextlib.contextmanager
+def reporting_disk_full(folder: Path, needed: int, what: str, intact: str, then: str) -> Iterator[None]:
+    """Turn a disk that fills up during a write into one paragraph: folder, bytes needed and free, what is intact.
+
+    Without it the user gets a raw ``OSError`` or torch's ``RuntimeError ... inline_container.cc``.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if not _is_disk_full(error):
+            raise
+        free = _free_bytes(Path(folder))
+        room = f"at least {_size(needed - free)} " if free is not None and needed > free else ""
+        raise DiskFullError(
+            f"The disk filled up while writing {what} in {folder}: it needs about {_size(needed)}, and "
+            f"{'an unknown amount' if free is None else _size(free)} is free there. {intact} Fix: free {room}space "
+            f"on that disk (or point paths.log_dir or paths.model_dir at a disk with room), then {then}."
+        ) from None
 
 
 def save_weights_pth(state_dict: dict[str, torch.Tensor], path: Path) -> None:

@@ -10,16 +10,26 @@ import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from retrain.artifacts.formats import atomic_torch_save
+from retrain.artifacts.formats import atomic_torch_save, reporting_disk_full, tensor_bytes
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temp file and renames it into place, so a kill never leaves half a file."""
+    """Writes each checkpoint to a temp file and renames it into place, so a kill never leaves half a file.
+
+    A disk that fills up meanwhile is reported as one paragraph (DiskFullError), and the older files stay intact.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         """Save `checkpoint` to `path` atomically (temp file, fsync, os.replace)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(checkpoint, Path(path))
+        path = Path(path)
+        intact = (
+            f"Every checkpoint already in {path.parent} is intact: {path.name} was written to a temporary file, "
+            "which was removed."
+        )
+        then = "resume with ckpt_path=last (the newest last.ckpt of this run name)"
+        with reporting_disk_full(path.parent, tensor_bytes(checkpoint), f"the checkpoint {path.name}", intact, then):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(checkpoint, path)
 
 
 class VersionedCheckpoint(ModelCheckpoint):
