@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import submitit
+import torch
 from clitools import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
@@ -19,6 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from submitit.slurm.slurm import SlurmExecutor
 
+from retrain.artifacts.publish import has_kept, keep_for_sweep
+from retrain.artifacts.sources import load_source
 from retrain.cli.main import main as retrain_cli
 from retrain.errors import ConfigError
 from retrain.sweeps import SweepSummary, write_summary
@@ -207,3 +210,31 @@ def test_resuming_a_study_that_does_not_exist_is_one_paragraph_before_the_sweep(
         SweepSummary().on_multirun_start(config)
     error = capsys.readouterr().err
     assert error.startswith("\nerror: hparams_search.resume=true found no optuna.db") and "Traceback" not in error
+
+
+def test_a_sweep_publishes_only_its_best_job_at_its_end(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    meta = {"name": "cats", "version": 0, "class_names": ["cat", "dog"], "metrics": {}}
+    weights = {}
+    for num, value in enumerate((0.5, 0.75, 0.25)):  # job 1 is the best, job 2 ran last
+        results = ok(value)
+        job = make_job(tmp_path, num, [f"model.lr=0.{num + 1}"], {**results, "test": {}})
+        weights[num] = torch.full((2, 3), float(num))
+        model = torch.nn.Linear(3, 2)
+        model.weight.data = weights[num]
+        keep_for_sweep(job, model, meta, None, {**results, "test": {}}, model_dir=models, name="cats")
+    config = OmegaConf.merge(job_end_config(tmp_path, fail_fast=False, sweeper=BASIC), {"sweep": {"publish": "best"}})
+    SweepSummary().on_multirun_end(config)
+
+    assert [p.name for p in (models / "cats").iterdir() if p.name.startswith("v")] == ["v001"]
+    assert torch.equal(load_source("cats@latest", model_dir=models).state_dict["weight"], weights[1])
+    assert json.loads((tmp_path / "1" / "results.json").read_text())["registry"]["version"] == 1
+    assert not any(has_kept(tmp_path / str(num)) for num in range(3))  # the losers' kept models are dropped
+
+
+def test_an_unknown_sweep_publish_mode_stops_the_sweep_before_any_job(capsys: pytest.CaptureFixture[str]) -> None:
+    config = OmegaConf.create({"sweep": {"publish": "winner"}, "hydra": {"sweeper": {"_target_": BASIC}}})
+    with pytest.raises(SystemExit, match="1"):
+        SweepSummary().on_multirun_start(config)
+    error = capsys.readouterr().err
+    assert "sweep.publish=winner is not a publish mode" in error and "Fix: sweep.publish=best" in error

@@ -1,7 +1,9 @@
 """Sweep summaries: one row per job of a `-m` run, the best job marked, rebuilt from the job dirs' results.json.
 
 `SweepSummary` (a Hydra callback, see conf/hydra/default.yaml) writes sweep_summary.csv and sweep_summary.md
-after every job and at the end of the sweep; `retrain sweeps summarize DIR` rebuilds them.
+after every job and at the end of the sweep; `retrain sweeps summarize DIR` rebuilds them. With
+`sweep.publish=best` (the default) the jobs keep their models in their run folders and the sweep publishes only the
+best job's at its end, so `latest` is the winner and not whichever job ran last.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from retrain.errors import ConfigError, RetrainError
+from retrain.utils.hydra import is_multirun
 from retrain.utils.io import write_text
 
 log = logging.getLogger("retrain")
@@ -30,6 +33,29 @@ log = logging.getLogger("retrain")
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_MD = "sweep_summary.md"
 COLUMNS = ("job", "status", "best", "monitor", "value", "best_epoch", "overrides", "run_dir", "error")
+PUBLISH_MODES = ("best", "all", "none")  # sweep.publish: which jobs of a sweep become registry versions
+
+
+def publish_mode(cfg: DictConfig) -> str:
+    """`sweep.publish`, checked: best (only the best job, at the sweep's end), all (every job) or none."""
+    mode = str(OmegaConf.select(cfg, "sweep.publish", default="best"))
+    if mode not in PUBLISH_MODES:
+        raise ConfigError(
+            f"sweep.publish={mode} is not a publish mode. Expected one of {', '.join(PUBLISH_MODES)}: best publishes "
+            "only the sweep's best job when the sweep ends, all publishes every job, none publishes nothing. "
+            "Fix: sweep.publish=best (the default), sweep.publish=all or sweep.publish=none."
+        )
+    return mode
+
+
+def publishes_itself(cfg: DictConfig) -> bool:
+    """Whether a training run publishes its own version: a single run does; a sweep job only with sweep.publish=all."""
+    return not is_multirun() or publish_mode(cfg) == "all"
+
+
+def keeps_for_sweep(cfg: DictConfig) -> bool:
+    """Whether a sweep job keeps its model in its run folder for the sweep to publish (sweep.publish=best)."""
+    return is_multirun() and publish_mode(cfg) == "best"
 
 
 @dataclass(frozen=True)
@@ -165,10 +191,11 @@ class SweepSummary(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Resolve the sweeper's settings first, so a bad `hparams_search.resume` is one paragraph, not a trace."""
+        """Check the sweeper's settings and `sweep.publish` first: a mistake is one paragraph, before any job."""
         try:
             OmegaConf.to_container(config.hydra.sweeper, resolve=True)
-        except InterpolationResolutionError as error:
+            publish_mode(config)
+        except (InterpolationResolutionError, ConfigError) as error:
             mistake = _retrain_error_behind(error)  # what our resolver (study_storage) raised
             if mistake is None:
                 raise
@@ -204,6 +231,33 @@ class SweepSummary(Callback):
         failed = sum(job.status != "ok" for job in jobs)
         best_text = f"best job {best.num}: {best.monitor}={best.value:.4f}" if best else "no job succeeded"
         log.info("sweep summary: %s (%d jobs, %d failed; %s)", md_path, len(jobs), failed, best_text)
+        if publish_mode(config) != "best":
+            return
+        try:
+            published = publish_best(jobs, best)
+        except RetrainError as error:  # a full disk, a `latest` that is a real folder...
+            print(f"\nerror: the sweep's best job was not published: {error}", file=sys.stderr)
+            sys.exit(1)
+        if published and best is not None:
+            log.info(
+                "sweep.publish=best: published job %d as %s@v%03d (%s)",
+                best.num,
+                published["name"],
+                published["version"],
+                published["path"],
+            )
+
+
+def publish_best(jobs: list[Job], best: Job | None) -> dict[str, Any] | None:
+    """Publish the best job's kept model as the sweep's one registry version, then drop the others' kept models."""
+    from retrain.artifacts import publish  # torch: imported only when a sweep has something to publish
+
+    kept = [job for job in jobs if publish.has_kept(job.run_dir)]
+    published = publish.publish_kept(best.run_dir) if best is not None and best in kept else None
+    for job in kept:
+        if job is not best:
+            publish.drop_kept(job.run_dir)
+    return published
 
 
 def _retrain_error_behind(error: BaseException) -> RetrainError | None:

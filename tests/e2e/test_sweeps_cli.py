@@ -13,6 +13,8 @@ import pytest
 import yaml
 from clitools import FAST, assert_ok, run_cli
 
+from retrain.artifacts.registry import list_versions
+
 pytestmark = pytest.mark.e2e
 # One short epoch per job, no test pass and no registry version: the sweep machinery is what is under test.
 QUICK = (
@@ -119,11 +121,18 @@ def test_an_optuna_search_resumes_its_study_and_records_failed_trials(tmp_path: 
         import optuna
 
     search = ("hparams_search=optuna", f"data.root={imagefolder}", *QUICK)
-    first = run_cli("train.py", *search, "hparams_search.n_trials=3", cwd=tmp_path)
+    publishing = [o for o in search if o != "save.publish=false"]  # sweep.publish=best: only the best trial
+    first = run_cli("train.py", *publishing, "hparams_search.n_trials=3", cwd=tmp_path)
     assert_ok(first)
     (first_dir,) = sweep_dirs(tmp_path)
     study_file = first_dir / "optuna.db"
     assert study_file.is_file() and numbered(first_dir) == ["0", "1", "2"]
+    best_job = max(summary_rows(first_dir), key=lambda row: float(row["value"]))["job"]
+    assert [row["version"] for row in list_versions(tmp_path / "models")] == [1]  # not one version per trial
+    version = tmp_path / "models" / "resnet18" / "v001"
+    assert json.loads((version / "results.json").read_text())["run_dir"] == str(first_dir / best_job)
+    assert json.loads((first_dir / best_job / "results.json").read_text())["registry"]["path"] == str(version)
+    assert not list(first_dir.rglob("kept_for_sweep"))  # the other trials' kept models are gone
 
     # The resumed search continues the same study; a bad lr makes both new trials fail, and the search goes on.
     second = run_cli(

@@ -20,7 +20,7 @@ from retrain.analysis.tracking import log_run_facts
 from retrain.artifacts import registry
 from retrain.artifacts.formats import Artifact, read_artifact
 from retrain.artifacts.metadata import new_metadata
-from retrain.artifacts.publish import publish_version
+from retrain.artifacts.publish import keep_for_sweep, publish_version
 from retrain.artifacts.sources import load_source, parent_record
 from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
 from retrain.callbacks.preemption import Preemption, preemption_checkpoint
@@ -36,6 +36,7 @@ from retrain.model.module import ClassifierModule
 from retrain.model.pruning import make_permanent, prune_from_config
 from retrain.model.resnet import build_resnet
 from retrain.model.surgery import apply_freeze, load_weights, parse_freeze
+from retrain.sweeps import keeps_for_sweep, publishes_itself
 from retrain.tasks.common import (
     make_callbacks,
     make_datamodule,
@@ -92,7 +93,7 @@ def _resume_point(checkpoints: list[VersionedCheckpoint], resume_path: Path | No
 
 
 def _version_for_this_run(cfg: DictConfig) -> registry.Reservation | None:
-    if not cfg.save.publish or not is_rank_zero():
+    if not cfg.save.publish or not is_rank_zero() or not publishes_itself(cfg):  # a sweep publishes its best job
         return None
     return registry.reserve_version(Path(cfg.paths.model_dir), str(cfg.name))
 
@@ -192,26 +193,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resumed = read_artifact(resume_path, allow_pickle=cfg.model.allow_pickle) if resume_path else None
     data = _data_phase(cfg, run_dir, resumed)
     model = _model_phase(cfg, data, resumed, resume_path)
-    run = _trainer_phase(cfg, run_dir, resume_path, resumed, data, model)
-    # SIGTERM from here to publish stops the run at the next step boundary with exit 143 (see Preemption).
-    preemption = Preemption(run.trainer, run_dir, str(cfg.name), HydraConfig.get().overrides.task, run.reservation)
-    with preemption:
-        _fit_phase(run, preemption)
-        if not run.trainer.is_global_zero:
-            return {}
-        best = _load_best(run)
-        test_metrics = _test_phase(run, preemption)
-        results = _results(cfg, run.module, run.trainer, best, test_metrics, run_dir, data.bad_files)
-        results.update(
-            unfreeze=model.unfreeze.summary() if model.unfreeze else None,
-            feature_cache=run.cache.summary() if run.cache else {"enabled": False, "blocked_by": run.cache_blockers},
-            lr_find=run.lr_find,
-            report=finish_report(model.callbacks, test_metrics),
-            prune=model.pruning,
-        )
-        _publish_phase(run, preemption, best, results)
-        write_json(run_dir / "results.json", results)
-        console.print_summary(results, cfg)
+    reservation = _version_for_this_run(cfg)
+    # A run that fails or is stopped (an error, Ctrl-C) drops its reservation; its number is never reused.
+    with registry.held(reservation):
+        run = _trainer_phase(cfg, run_dir, resume_path, resumed, data, model, reservation)
+        # SIGTERM from here to publish stops the run at the next step boundary with exit 143 (see Preemption).
+        preemption = Preemption(run.trainer, run_dir, str(cfg.name), HydraConfig.get().overrides.task, reservation)
+        with preemption:
+            _fit_phase(run, preemption)
+            if not run.trainer.is_global_zero:
+                return {}
+            best = _load_best(run)
+            test_metrics = _test_phase(run, preemption)
+            results = _results(cfg, run.module, run.trainer, best, test_metrics, run_dir, data.bad_files)
+            results.update(
+                unfreeze=model.unfreeze.summary() if model.unfreeze else None,
+                feature_cache=run.cache.summary()
+                if run.cache
+                else {"enabled": False, "blocked_by": run.cache_blockers},
+                lr_find=run.lr_find,
+                report=finish_report(model.callbacks, test_metrics),
+                prune=model.pruning,
+            )
+            _publish_phase(run, preemption, best, results)
+            write_json(run_dir / "results.json", results)
+            console.print_summary(results, cfg)
     return results
 
 
@@ -288,9 +294,9 @@ def _trainer_phase(
     resumed: Artifact | None,
     data: DataParts,
     model: ModelParts,
+    reservation: registry.Reservation | None,
 ) -> Run:
-    """Reserve a version, wrap the network in the LightningModule, set up the feature cache and the Trainer."""
-    reservation = _version_for_this_run(cfg)
+    """Wrap the network in the LightningModule (stamped with the reserved version), set up the cache and Trainer."""
     callbacks = model.callbacks
     if reservation is not None:  # each epoch tells `registry gc` on other hosts that this run is alive
         callbacks.append(LambdaCallback(on_train_epoch_end=lambda *_: registry.keep_alive(reservation)))
@@ -385,11 +391,17 @@ def _publish_phase(run: Run, preemption: Preemption, best: VersionedCheckpoint |
         results["qat"] = finish_qat(module.model, info, run.run_dir / "exports", loader, run.model.qat)
     # From here on a SIGTERM waits for the ~1 s publish.
     preemption.stop_if_received("publish", _resume_point(run.checkpoints, run.resume_path))
+    best_path = Path(best.best_model_path) if best else None
     if run.reservation is not None:
-        best_path = Path(best.best_model_path) if best else None
         results["registry"] = publish_version(
             run.reservation, module.model, module.metadata, best_path, results, full_model=cfg.save.full_model
         )
+    elif cfg.save.publish and keeps_for_sweep(cfg):
+        kept = keep_for_sweep(
+            run.run_dir, module.model, module.metadata, best_path, results,
+            model_dir=Path(cfg.paths.model_dir), name=str(cfg.name), full_model=cfg.save.full_model,
+        )  # fmt: skip
+        log.info("sweep.publish=best: model kept in %s; the sweep publishes its best job when it ends", kept)
 
 
 def _results(
