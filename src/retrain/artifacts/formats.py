@@ -271,7 +271,7 @@ def _read_safetensors(path: Path) -> Artifact:
         except json.JSONDecodeError as e:
             raise ArtifactError(
                 f"{path} has damaged retrain metadata in its header ({e.msg}). Expected the JSON that "
-                "retrain writes there. Fix: copy the file again, or use the version's model.ckpt."
+                "retrain writes there. Fix: copy the file again, or use the version's weights.pth."
             ) from None
     return Artifact(strip_wrapper_prefixes(state_dict), metadata, path, "safetensors", None)
 

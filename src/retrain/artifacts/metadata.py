@@ -118,7 +118,7 @@ class ArtifactMetadata:
     prune: dict[str, Any] | None = None  # model.prune's amount, method and the sparsity reached
     quantization: str | None = None  # "qat" for quantization-aware fine-tuned versions
     history: list[dict[str, float]] | None = None  # per-epoch val metrics, from the checkpoint
-    checkpoint_sha256: str | None = None  # of the published model.ckpt
+    checkpoint_sha256: str | None = None  # of the run's best checkpoint (extra `checkpoint_path`: where it is)
     results: dict[str, Any] | None = None  # monitor, its best value and epoch, test metrics
     extra: dict[str, Any] = field(default_factory=dict)
 
