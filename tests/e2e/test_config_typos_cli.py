@@ -26,3 +26,11 @@ def test_wrong_type_fails_before_any_data_is_read(tmp_path: Path) -> None:
     assert "takes max_epochs as Optional[int], but got str 'abc'" in result.stderr
     assert "Fix: pass e.g. trainer.max_epochs=10." in result.stderr
     assert "no_such_folder" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_wrong_type_in_data_or_model_is_hydras_compose_error(tmp_path: Path) -> None:
+    result = run_cli("train.py", "model.lr=fast", f"data.root={tmp_path / 'no_such_folder'}", *FAST, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Error merging override model.lr=fast" in result.stderr  # the key and the value
+    assert "Value 'fast' of type 'str' could not be converted to Float" in result.stderr  # the type expected
+    assert "hint:" not in result.stderr and not (tmp_path / "logs").exists()  # nothing ran

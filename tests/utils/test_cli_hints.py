@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
-from clitools import REPO
+from clitools import REPO, composed
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from retrain.errors import ConfigError
@@ -53,6 +55,33 @@ def test_a_key_with_no_look_alike_says_how_to_list_the_keys() -> None:
     assert hints("zzzz.qqqq=1", config="eval") == [
         "hint: zzzz.qqqq is not a key of this config; `python eval.py --cfg job` prints every key."
     ]
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("data.batch_size=big", "Value 'big' of type 'str' could not be converted to Integer"),
+        ("model.lr=fast", "Value 'fast' of type 'str' could not be converted to Float"),
+        ("data.pin_memory=maybe", "Value 'maybe' is not a valid bool"),
+        ("model.prune.amount=most", "Value 'most' of type 'str' could not be converted to Float"),
+    ],
+)
+def test_hydra_types_data_and_model_keys_while_composing(tmp_path: Path, override: str, said: str) -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        composed(tmp_path, override)
+    cause = str(info.value.__cause__)
+    assert said in cause and f"full_key: {override.split('=')[0]}" in cause
+    assert hints(override) == []  # the key exists: Hydra's message is the whole story
+
+
+def test_keys_of_several_types_and_interpolations_still_compose(tmp_path: Path) -> None:
+    cfg = composed(tmp_path, "model.freeze=[stem,layer1]", "model.channels_last=auto", "model.stage_lr_mult={fc: 1}")
+    assert list(cfg.model.freeze) == ["stem", "layer1"] and cfg.model.channels_last == "auto"
+    cfg = composed(tmp_path, "experiment=retrain", "name=pets", "data=demo", "model.freeze=true", "model.lr=1")
+    assert cfg.model.init_from == "pets@latest" and cfg.data.root == f"{tmp_path}/data/demo"
+    assert cfg.model.freeze is True and cfg.model.lr == 1.0
+    # Every key the yaml files set is in the schema, and the reverse: nothing is left `???`.
+    assert OmegaConf.missing_keys(cfg.data) == set() and OmegaConf.missing_keys(cfg.model) == set()
 
 
 def test_a_wrong_type_names_the_key_the_type_and_a_fix() -> None:

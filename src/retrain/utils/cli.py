@@ -2,7 +2,9 @@
 
 Hydra rejects an unknown key while composing, before our code runs, so `with_config_hints` wraps the
 `@hydra.main` function: when Hydra has failed, it replays the overrides one by one to find the ones that do
-not compose and prints the closest valid key under Hydra's own message. Kept free of torch and Lightning, so
+not compose and prints the closest valid key under Hydra's own message. Hydra also types data.* and model.*
+(utils/schemas.py); `check_types` does the same for the nodes that build other libraries' objects
+(`_target_`: trainer, optimizer, callbacks...), from their signatures. Kept free of torch and Lightning, so
 a typo is reported in about a second.
 """
 
@@ -26,12 +28,8 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from retrain.errors import ConfigError
+from retrain.utils.schemas import register_schemas
 
-# Config groups whose keys are constructor arguments although the group has no `_target_`.
-PLAIN_GROUPS = {
-    "data": "retrain.data.datamodule.ImageFolderDataModule",
-    "model": "retrain.model.module.ClassifierModule",
-}
 _EXAMPLES = {bool: "true", int: "10", float: "0.01", str: "text"}
 
 
@@ -64,6 +62,7 @@ def override_hints(
     except Exception:  # a syntax error: Hydra's own message already points at it
         return []
     hints = []
+    register_schemas()  # conf/data and conf/model name them in their defaults
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3"):
@@ -131,7 +130,7 @@ def _hint(key: str, known: set[str], script: str) -> str:
 
 
 def check_types(cfg: DictConfig) -> None:
-    """Raise ConfigError when a value cannot be what the class it configures takes, before any data is read.
+    """Raise ConfigError when a `_target_` node's value cannot be what its class takes, before any data is read.
 
     Only clear mismatches are reported (a word where a number or a bool is expected, a number outside a
     Literal); arguments typed as anything richer are left for the class to judge.
@@ -163,11 +162,7 @@ def check_types(cfg: DictConfig) -> None:
 
 
 def _configured_objects(cfg: DictConfig) -> Iterator[tuple[str, str, DictConfig]]:
-    """(dotted key, target name, node) for every node with a `_target_` and for the PLAIN_GROUPS."""
-    for group, target in PLAIN_GROUPS.items():
-        node = cfg.get(group)
-        if isinstance(node, DictConfig):
-            yield group, target, node
+    """(dotted key, target name, node) for every node with a `_target_`."""
     # items_ex(resolve=False): `${hydra:...}` values cannot resolve outside a Hydra run, and need not.
     stack = [(str(k), v) for k, v in cfg.items_ex(resolve=False) if isinstance(v, DictConfig)]
     while stack:

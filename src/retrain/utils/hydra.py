@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from retrain.errors import ConfigError, RetrainError
 from retrain.utils.cli import check_types, with_config_hints
 from retrain.utils.io import write_json
+from retrain.utils.schemas import register_schemas
 
 log = logging.getLogger("retrain")
 STUDY_FILE = "optuna.db"
@@ -82,7 +83,11 @@ def stdout_isatty() -> bool:
 
 
 def register_resolvers() -> None:
-    """Make the configs' resolvers available: run_id (one per process), abspath, cpu_precision, study_storage, ..."""
+    """Make the configs' resolvers available: run_id (one per process), abspath, cpu_precision, study_storage, ...
+
+    Also registers the schemas that type data.* and model.* while composing (utils/schemas.py).
+    """
+    register_schemas()
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
     if not OmegaConf.has_resolver("abspath"):
