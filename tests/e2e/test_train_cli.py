@@ -132,8 +132,13 @@ def test_sweep_runs_one_numbered_job_per_value(tmp_path: Path, imagefolder: Path
     assert lrs == [0.01, 0.001]
     for job in jobs:
         assert json.loads((job / "results.json").read_text())["status"] == "ok"
+    # sweep.publish=best: one version, the best job's, published when the sweep ends (not one per job).
     versions = sorted(p.name for p in (tmp_path / "models" / "resnet18").glob("v*"))
-    assert versions == ["v001", "v002"]
+    assert versions == ["v001"]
+    with open(sweeps[0] / "sweep_summary.csv", newline="") as f:
+        best = next(row["job"] for row in csv.DictReader(f) if row["best"] == "true")
+    published = json.loads((tmp_path / "models" / "resnet18" / "v001" / "results.json").read_text())
+    assert published["run_dir"] == str(sweeps[0] / best)
 
 
 def test_ddp_on_cpu_gives_one_run_one_set_of_checkpoints(tmp_path: Path, imagefolder: Path) -> None:
