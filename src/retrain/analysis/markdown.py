@@ -40,6 +40,10 @@ def _metrics(inputs: ReportInputs, rows: list[dict[str, Any]]) -> list[str]:
     after = sorted(inputs.metrics.items())
     if rows:
         after.append((f"{inputs.split} macro F1 ({inputs.weights})", sum(row["f1"] for row in rows) / len(rows)))
+        scored = [row for row in rows if row["support"]]  # balanced accuracy: the mean recall of the classes present
+        if scored:
+            recall = sum(row["recall"] for row in scored) / len(scored)
+            after.append((f"{inputs.split} balanced accuracy ({inputs.weights})", recall))
     lines += [*_table(["after training", "value"], [list(item) for item in after]), ""]
     if inputs.monitor:
         lines.append(f"The best epoch is chosen by `{inputs.monitor}`.")

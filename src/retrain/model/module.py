@@ -41,6 +41,8 @@ def _metrics(num_classes: int) -> MetricCollection:
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "f1": MulticlassF1Score(num_classes, average="macro"),
+        # Balanced accuracy: the mean of the per-class recalls, which a lopsided folder's plain accuracy hides.
+        "bal_acc": MulticlassAccuracy(num_classes, average="macro"),
     }
     if num_classes >= 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
@@ -66,6 +68,7 @@ class ClassifierModule(L.LightningModule):
         channels_last: bool | Literal["auto"] = False,
         compile: bool = False,
         label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -87,6 +90,9 @@ class ClassifierModule(L.LightningModule):
         self._seeded_epoch: int | None = None
         # Smoothing regularises training only; val/test loss stay plain cross-entropy, comparable across runs.
         self.train_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        if class_weights is not None:  # model.class_weights: out of the state_dict, so any checkpoint resumes
+            weight = torch.tensor(class_weights, dtype=torch.float32)
+            self.train_criterion.register_buffer("weight", weight, persistent=False)
         self.criterion = nn.CrossEntropyLoss()
         n = len(self.class_names)
         self.train_metrics = _metrics(n).clone(prefix="train/")

@@ -26,6 +26,7 @@ from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
 from retrain.callbacks.preemption import Preemption, preemption_checkpoint
 from retrain.callbacks.run_report import finish_report
 from retrain.callbacks.unfreeze import ProgressiveUnfreeze
+from retrain.data.balance import loss_weights
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.splits import DataSplits
 from retrain.errors import ConfigError
@@ -117,12 +118,16 @@ def _init_weights(net: torch.nn.Module, model_cfg: DictConfig, model_dir: Path) 
 
 
 def _module(
-    net: torch.nn.Module, cfg: DictConfig, classes: list[str], frozen: list[str], metadata: dict[str, Any]
+    net: torch.nn.Module, cfg: DictConfig, splits: DataSplits, frozen: list[str], metadata: dict[str, Any]
 ) -> ClassifierModule:
-    """The LightningModule with the configured optimizer, scheduler and per-stage learning rates."""
+    """The LightningModule with the configured optimizer, scheduler, per-stage learning rates and class weights."""
+    class_weights = loss_weights(cfg.model.class_weights, splits.class_counts()["train"])
+    if class_weights is not None:
+        shown = ", ".join(f"{name} {w:.3g}" for name, w in zip(splits.class_names, class_weights, strict=True))
+        log.info("model.class_weights: %s", shown)
     return ClassifierModule(
         net,
-        classes,
+        splits.class_names,
         optimizer=instantiate(cfg.model.optimizer),
         scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
         lr=cfg.model.lr,
@@ -134,6 +139,7 @@ def _module(
         channels_last=cfg.model.channels_last,
         compile=cfg.model.compile,
         label_smoothing=cfg.model.label_smoothing,
+        class_weights=class_weights,
         metadata=metadata,
     )
 
@@ -302,7 +308,7 @@ def _trainer_phase(
         callbacks.append(LambdaCallback(on_train_epoch_end=lambda *_: registry.keep_alive(reservation)))
     version = reservation.version if reservation else 0
     metadata = _metadata_phase(cfg, run_dir, data, model, version)
-    module = _module(model.net, cfg, data.splits.class_names, model.frozen, metadata)
+    module = _module(model.net, cfg, data.splits, model.frozen, metadata)
     checkpoints = [cb for cb in callbacks if isinstance(cb, VersionedCheckpoint)]
     for cb in checkpoints:
         cb.stamp(str(cfg.name), version)
