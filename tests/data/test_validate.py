@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -194,3 +195,37 @@ def test_cli_as_a_module(messy: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 1
     assert "decompression_bomb" in done.stdout
+
+
+def test_links_duplicates_and_skipped_images_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "flat"
+    for label, name in enumerate(("cat", "dog")):
+        for i in range(3):
+            write(root / name / f"{i}.jpg", image_bytes(seed=10 * label + i, size=(48, 36) if i == 2 else (32, 24)))
+    os.symlink("..", root / "cat" / "loop")  # walked before: every class again, into cat, round and round
+    os.symlink("cat", root / "kitten")  # a second label for the same images
+    os.symlink("0.jpg", root / "dog" / "again.jpg")
+    write(root / "dog" / "twin.jpg", (root / "dog" / "1.jpg").read_bytes())
+    write(root / "cat" / "anim.gif", image_bytes("GIF"))
+    report = scan(root)
+    assert report.counts() == {
+        "linked_class": 1,
+        "duplicate": 1,
+        "symlink_loop": 1,
+        "linked_file": 1,
+        "skipped_image": 1,
+    }
+    assert report.n_files == 7 and report.has_errors()
+    assert report.size_range == ((32, 24), (48, 36))
+    assert retrain_cli(["validate", str(root)]) == 1
+    out = capsys.readouterr().out
+    for line in (
+        "image sizes 32x24 to 48x36 px (from the headers)",
+        "  kitten: a link to cat: its images would count twice",
+        "  dog/twin.jpg: the same bytes as dog/1.jpg; the automatic split keeps them together",
+        "  cat/loop: a link to the data folder; not followed",
+        "  dog/again.jpg: the same file as dog/0.jpg; counted once",
+        "  cat/anim.gif: a .gif image, which the loader skips; it reads .jpg, .jpeg, .png",
+        "FAIL",
+    ):
+        assert line in out

@@ -4,19 +4,42 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mimetypes
 import os
 import random
-from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from retrain.data.images import IMAGE_EXTENSIONS
+from retrain.data.images import IMAGE_EXTENSIONS, has_image_extension
 from retrain.errors import DataError
+from retrain.utils.io import sha256_file
 
 SPLITS = ("train", "val", "test")
 Sample = tuple[str, int]
+ImageFile = tuple[str, int]  # (path, size in bytes; -1 when the file cannot be read)
+
+# What the folder walk leaves out or counts once, besides the images it keeps (retrain.data.validate reports them).
+HIDDEN = "hidden"
+IGNORED = "ignored"
+SKIPPED_IMAGE = "skipped_image"  # an image format the loader does not read (GIF, HEIC, ...)
+SYMLINK_LOOP = "symlink_loop"  # a linked folder that leads back to one already scanned: not followed
+LINKED_CLASS = "linked_class"  # a class folder that is another class's folder: training stops
+LINKED_FILE = "linked_file"  # a link (or hard link) to a file already counted: counted once
+DUPLICATE = "duplicate"  # the same bytes as another file of its class: the automatic split keeps them together
+# Files are compared in full only when their sizes and first 4 KiB (one page) agree, so most files are never read.
+HEAD_BYTES = 1 << 12
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: the file or folder it is about, its kind (a constant here or in validate) and what was seen."""
+
+    path: Path
+    kind: str
+    detail: str = ""
 
 
 @dataclass
@@ -30,6 +53,8 @@ class DataSplits:
     split_seed: int = 0
     val_fraction: float = 0.0
     test_fraction: float = 0.0
+    found: list[Problem] = field(default_factory=list)  # what the folder walk left out or counted once
+    duplicates: list[list[str]] = field(default_factory=list)  # byte-identical files, each group in one split
 
     def sizes(self) -> dict[str, int]:
         """Number of images per split, for logs and metadata."""
@@ -67,15 +92,7 @@ class DataSplits:
     def without(self, bad: set[str]) -> DataSplits:
         """A copy with the given file paths excluded (the `on_bad_file=skip` policy)."""
         kept = {s: [(p, y) for p, y in items if p not in bad] for s, items in self.samples.items()}
-        return DataSplits(
-            self.root,
-            self.layout,
-            self.class_names,
-            kept,
-            self.split_seed,
-            self.val_fraction,
-            self.test_fraction,
-        )
+        return replace(self, samples=kept)
 
     def save(self, path: Path) -> None:
         """Record the split in the run directory (relative paths), so resume and eval see the same one."""
@@ -90,26 +107,164 @@ class DataSplits:
         path.write_text(json.dumps(data))
 
 
-def _visible(name: str) -> bool:
-    return not name.startswith(".") and name != "__MACOSX"
+def is_hidden_name(name: str) -> bool:
+    """Dot-names and macOS zip debris, which no loader of this project reads as classes or images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def is_skipped_image(name: str) -> bool:
+    """A picture the loader does not read (GIF, HEIC, ...): left out like any other file, but worth a warning."""
+    return not has_image_extension(name) and (mimetypes.guess_type(name)[0] or "").startswith("image/")
 
 
 def _class_dirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e.name))
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not is_hidden_name(e.name))
 
 
-def _images(folder: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        found += [
-            os.path.join(dirpath, f) for f in sorted(filenames) if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-    return found
+class FolderWalk:
+    """Walks class folders by real path: every folder and file once; links that lead back are reported, not followed.
+
+    `os.walk(followlinks=True)` alone follows `ln -s .. cat/loop` into the other classes and round again (774
+    images instead of 8). Here a linked folder is not entered when it is the data folder, a split or class
+    folder, an ancestor of the data folder, or a folder already scanned (same st_dev and st_ino), and a file
+    already counted (a link or a hard link) is counted once. Class folders that are not links are walked first,
+    so of a class and its linked copy, the copy is the one reported.
+    """
+
+    def __init__(self, root: Path, class_folders: Iterable[Path]) -> None:
+        self.root = root
+        self.found: list[Problem] = []
+        self._root_real = Path(os.path.realpath(root))
+        folders = list(class_folders)
+        # What a link into one of these would walk into, in the words of the report.
+        self._fences = {
+            Path(os.path.realpath(f.parent)): f"{self.name(f.parent)}, which holds classes" for f in folders
+        }
+        self._fences.update({Path(os.path.realpath(f)): f"the class folder {self.name(f)}" for f in folders})
+        self._fences[self._root_real] = "the data folder"
+        self._dirs: dict[tuple[int, int], Path] = {}
+        self._files: dict[tuple[int, int], str] = {}
+
+    def walk_split(self, folder: Path, class_names: list[str]) -> dict[str, list[ImageFile]]:
+        """The image files of each class folder of one split, each file counted once in the split."""
+        self._dirs, self._files = {}, {}
+        links_last = sorted(class_names, key=lambda name: (os.path.islink(folder / name), name))
+        images = {name: self._walk_class(folder / name) for name in links_last}
+        return {name: images[name] for name in class_names}
+
+    def linked_classes(self) -> list[Problem]:
+        """The class folders that are another class's folder (or hold the data folder): training stops on them."""
+        return [p for p in self.found if p.kind == LINKED_CLASS]
+
+    def name(self, path: Path) -> str:
+        """A path as the user knows it: relative to the data folder when inside it."""
+        for base in (self.root, self._root_real):
+            if path.is_relative_to(base):
+                return path.relative_to(base).as_posix() if path != base else "the data folder"
+        return str(path)
+
+    def _walk_class(self, folder: Path) -> list[ImageFile]:
+        real, key = Path(os.path.realpath(folder)), _dir_key(folder)
+        if key in self._dirs or self._root_real.is_relative_to(real):
+            same = self.name(self._dirs[key]) if key in self._dirs else f"{real}, which holds the data folder"
+            self._add(folder, LINKED_CLASS, f"a link to {same}: its images would count twice")
+            return []
+        if key is not None:
+            self._dirs[key] = folder
+        images: list[ImageFile] = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames[:] = [name for name in sorted(dirnames) if self._enter(Path(dirpath, name), real)]
+            for name in sorted(filenames):
+                self._file(dirpath, name, images)
+        return images
+
+    def _enter(self, path: Path, class_real: Path) -> bool:
+        if is_hidden_name(path.name):
+            self._add(path, HIDDEN, "hidden folder, left out of the dataset")
+            return False
+        key, real = _dir_key(path), Path(os.path.realpath(path))
+        if key in self._dirs:
+            back = "its own class folder" if real == class_real else self.name(self._dirs[key])
+            self._add(path, SYMLINK_LOOP, f"a link back to {back}, already scanned; not followed")
+            return False
+        if real in self._fences or self._root_real.is_relative_to(real):
+            what = self._fences.get(real, f"{real}, which holds the data folder")
+            self._add(path, SYMLINK_LOOP, f"a link to {what}; not followed")
+            return False
+        if key is not None:
+            self._dirs[key] = path
+        return True
+
+    def _file(self, dirpath: str, name: str, images: list[ImageFile]) -> None:
+        path = os.path.join(dirpath, name)  # a str: a Path per image would cost more than the stat
+        if is_hidden_name(name):
+            self._add(Path(path), HIDDEN, "hidden file, left out of the dataset")
+        elif is_skipped_image(name):
+            suffix = os.path.splitext(name)[1].lower()
+            detail = f"a {suffix} image, which the loader skips; it reads {', '.join(IMAGE_EXTENSIONS)}"
+            self._add(Path(path), SKIPPED_IMAGE, detail)
+        elif not has_image_extension(name):
+            self._add(Path(path), IGNORED, "no image extension, left out of the dataset")
+        else:
+            try:
+                stat = os.stat(path)
+            except OSError:  # a dangling link: kept, so that validate names it and training stops on it
+                images.append((path, -1))
+                return
+            key = (stat.st_dev, stat.st_ino)
+            if key in self._files:
+                first = self.name(Path(self._files[key]))
+                self._add(Path(path), LINKED_FILE, f"the same file as {first}; counted once")
+            else:
+                self._files[key] = path
+                images.append((path, stat.st_size))
+
+    def _add(self, path: Path, kind: str, detail: str) -> None:
+        self.found.append(Problem(path, kind, detail))
 
 
-def _scan_classes(folder: Path, class_names: list[str]) -> list[Sample]:
-    return [(path, idx) for idx, name in enumerate(class_names) for path in _images(folder / name)]
+def _dir_key(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def identical_groups(files: list[ImageFile]) -> list[list[str]]:
+    """The files as groups of identical bytes, in first-seen order (most groups hold one file).
+
+    Only files of equal size are read: their first HEAD_BYTES, then, where those agree too, the whole file.
+    """
+    by_size: dict[int, list[str]] = defaultdict(list)
+    for path, size in files:
+        by_size[size].append(path)
+    same_as: dict[str, str] = {}  # path -> the first file with the same bytes
+    for size, paths in by_size.items():
+        if size < 0 or len(paths) < 2:
+            continue
+        for heads in _equal(paths, HEAD_BYTES):
+            for equal in [heads] if size <= HEAD_BYTES else _equal(heads, None):
+                same_as.update((path, equal[0]) for path in equal)
+    groups: dict[str, list[str]] = {}
+    for path, _ in files:
+        groups.setdefault(same_as.get(path, path), []).append(path)
+    return list(groups.values())
+
+
+def _equal(paths: list[str], limit: int | None) -> list[list[str]]:
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        try:
+            if limit is None:
+                digest = sha256_file(Path(path))
+            else:
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read(limit)).hexdigest()
+        except OSError:  # unreadable: validate names it; here it stays a group of its own
+            continue
+        by_digest[digest].append(path)
+    return [same for same in by_digest.values() if len(same) > 1]
 
 
 def _require_images(samples: list[Sample], folder: Path) -> None:
@@ -143,22 +298,25 @@ def discover(root: str | Path, *, val_fraction: float = 0.1, test_fraction: floa
                 f"{root} has train/ but no val/ folder. {layout_help} "
                 "Fix: add DIR/val/<class>/*, or move the class folders up into DIR to split automatically."
             )
-        splits = DataSplits(root, "split", class_names)
-        for split in SPLITS:
-            folder = root / split
-            if not folder.is_dir():
-                continue
-            found = _class_dirs(folder)
+        present = [split for split in SPLITS if (root / split).is_dir()]
+        for split in present:
+            found = _class_dirs(root / split)
             if found != class_names:
                 missing = sorted(set(class_names) - set(found))
                 extra = sorted(set(found) - set(class_names))
                 raise DataError(
-                    f"The classes in {folder} differ from those in {root / 'train'}: missing {missing}, "
+                    f"The classes in {root / split} differ from those in {root / 'train'}: missing {missing}, "
                     f"unexpected {extra}. Expected the same class folders in every split. "
                     "Fix: add or rename the folders so train/, val/ and test/ list the same classes."
                 )
-            splits.samples[split] = _scan_classes(folder, class_names)
-            _require_images(splits.samples[split], folder)
+        walk = FolderWalk(root, [root / split / name for split in present for name in class_names])
+        splits = DataSplits(root, "split", class_names)
+        for split in present:
+            images = walk.walk_split(root / split, class_names)
+            splits.samples[split] = [(path, idx) for idx, name in enumerate(class_names) for path, _ in images[name]]
+            _require_images(splits.samples[split], root / split)
+        _raise_for_linked_classes(walk)
+        splits.found = walk.found
         return splits
 
     class_names = _class_dirs(root)
@@ -169,17 +327,26 @@ def discover(root: str | Path, *, val_fraction: float = 0.1, test_fraction: floa
             f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must each be in [0, 1) "
             "and sum to less than 1; e.g. data.val_fraction=0.1 data.test_fraction=0.1."
         )
-    everything = _scan_classes(root, class_names)
-    _require_images(everything, root)
+    walk = FolderWalk(root, [root / name for name in class_names])
+    images = walk.walk_split(root, class_names)
+    _require_images([sample for name in class_names for sample in images[name]], root)
+    _raise_for_linked_classes(walk)
     splits = DataSplits(root, "folder", class_names, {s: [] for s in SPLITS}, seed, val_fraction, test_fraction)
+    splits.found = walk.found
     rng = random.Random(seed)
-    for idx in range(len(class_names)):
-        items = [s for s in everything if s[1] == idx]
-        rng.shuffle(items)  # stratified: every class is split by the same fractions
-        n_val, n_test = round(len(items) * val_fraction), round(len(items) * test_fraction)
-        splits.samples["val"] += items[:n_val]
-        splits.samples["test"] += items[n_val : n_val + n_test]
-        splits.samples["train"] += items[n_val + n_test :]
+    for idx, name in enumerate(class_names):
+        groups = identical_groups(images[name])
+        splits.duplicates += [group for group in groups if len(group) > 1]
+        # Stratified: every class is split by the same fractions. Identical files go together, so none of them
+        # leaks from train into val or test; without duplicates this is the plain shuffle-and-cut of every class.
+        rng.shuffle(groups)
+        n_val, n_test = round(len(images[name]) * val_fraction), round(len(images[name]) * test_fraction)
+        chosen: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+        for group in groups:
+            fits = [s for s, n in (("val", n_val), ("test", n_test)) if len(chosen[s]) + len(group) <= n]
+            chosen[fits[0] if fits else "train"] += [(path, idx) for path in group]
+        for split in SPLITS:
+            splits.samples[split] += chosen[split]
     if not splits.samples["test"]:
         del splits.samples["test"]
     if not splits.samples["val"]:
@@ -188,6 +355,19 @@ def discover(root: str | Path, *, val_fraction: float = 0.1, test_fraction: floa
             "Fix: raise data.val_fraction, or add more images per class."
         )
     return splits
+
+
+def _raise_for_linked_classes(walk: FolderWalk) -> None:
+    """Stop on a class folder that is another class's: the same images would train under two labels."""
+    linked = walk.linked_classes()
+    if linked:
+        listed = "; ".join(f"{walk.name(p.path)} is {p.detail}" for p in linked[:10])
+        raise DataError(
+            f"Class folders under {walk.root} are links to folders already read ({len(linked)}): {listed}. "
+            "Expected each class folder to hold images of its own; a linked copy would train the same images "
+            "under two labels. Fix: remove the link, or replace it with that class's own images; "
+            f"`retrain validate {walk.root}` lists every link."
+        )
 
 
 def load_recorded(path: Path, root: str | Path) -> DataSplits:

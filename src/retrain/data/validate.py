@@ -5,7 +5,6 @@ Usage: `retrain validate DIR [--full]`; exit 1 when training would stop, 2 on a 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections import Counter, defaultdict
@@ -16,8 +15,22 @@ from pathlib import Path
 
 from PIL import Image
 
-from retrain.data.images import IMAGE_PROBLEM_KINDS, check_image, has_image_extension
+from retrain.data.images import IMAGE_PROBLEM_KINDS, check_image
+from retrain.data.splits import (
+    DUPLICATE,
+    HIDDEN,
+    IGNORED,
+    LINKED_CLASS,
+    LINKED_FILE,
+    SKIPPED_IMAGE,
+    SYMLINK_LOOP,
+    FolderWalk,
+    Problem,
+    identical_groups,
+    is_hidden_name,
+)
 from retrain.errors import ConfigError, DataError
+from retrain.utils.io import sha256_file
 
 SPLITS = ("train", "val", "test")
 MODES = ("quick", "full")
@@ -29,27 +42,14 @@ MISSING_SPLIT = "missing_split"
 MISSING_CLASS = "missing_class"
 EMPTY_CLASS = "empty_class"
 LEAKAGE = "leakage"
-HIDDEN = "hidden"
-IGNORED = "ignored"
+# The folder walk's kinds (hidden, ignored, skipped_image, symlink_loop, linked_class, linked_file, duplicate) live in
+# retrain.data.splits, which discovers the dataset the same way.
 
-ERROR_KINDS = (*IMAGE_PROBLEM_KINDS, NO_CLASSES, MISSING_SPLIT, MISSING_CLASS, EMPTY_CLASS)
-WARNING_KINDS = (LEAKAGE, HIDDEN)
+ERROR_KINDS = (*IMAGE_PROBLEM_KINDS, NO_CLASSES, MISSING_SPLIT, MISSING_CLASS, EMPTY_CLASS, LINKED_CLASS)
+WARNING_KINDS = (LEAKAGE, DUPLICATE, SYMLINK_LOOP, LINKED_FILE, SKIPPED_IMAGE, HIDDEN)
 NOTE_KINDS = (IGNORED,)
 KINDS = ERROR_KINDS + WARNING_KINDS + NOTE_KINDS
-
-
-def is_hidden_name(name: str) -> bool:
-    """Dot-names and macOS zip debris, which no loader of this project reads as classes or images."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding: the file or folder it is about, its kind (a constant of this module) and what was seen."""
-
-    path: Path
-    kind: str
-    detail: str = ""
+ImageSize = tuple[int, int]  # (width, height) from the file's header
 
 
 @dataclass
@@ -62,6 +62,7 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     n_files: int = 0  # files with an image extension that were checked
     class_names: dict[str, list[str]] = field(default_factory=dict)  # per split, or under ALL
+    size_range: tuple[ImageSize, ImageSize] | None = None  # fewest and most pixels among the readable images
 
     def bad_files(self) -> list[Path]:
         """The files that must be left out of training, because no loader can read them."""
@@ -83,6 +84,8 @@ class ValidationReport:
             f"Data folder: {self.root}",
             f"{self.layout} layout, classes: {splits or 'none'}; {self.n_files} image files checked ({self.mode} mode)",
         ]
+        if self.size_range:
+            lines.append(f"image sizes {format_size_range(self.size_range)} (from the headers)")
         counts = self.counts()
         if not counts:
             return "\n".join([*lines, "No problems found."])
@@ -98,13 +101,20 @@ class ValidationReport:
         for kind in counts:
             of_kind = [p for p in self.problems if p.kind == kind]
             lines += ["", f"{kind} ({len(of_kind)}):"]
-            lines += [f"  {_relative(self.root, p.path)}: {p.detail}" for p in of_kind[:max_rows]]
+            lines += [f"  {shown_path(self.root, p.path)}: {p.detail}" for p in of_kind[:max_rows]]
             if len(of_kind) > max_rows:
                 lines.append(f"  ... and {len(of_kind) - max_rows} more")
         return "\n".join(lines)
 
 
-def _relative(root: Path, path: Path) -> str:
+def format_size_range(size_range: tuple[ImageSize, ImageSize]) -> str:
+    """'32x24 to 4000x3000 px', or '32x32 px' when every image has one size."""
+    (w0, h0), (w1, h1) = size_range
+    return f"{w0}x{h0} px" if size_range[0] == size_range[1] else f"{w0}x{h0} to {w1}x{h1} px"
+
+
+def shown_path(root: Path, path: Path) -> str:
+    """A path as the user knows it: relative to the data folder when inside it."""
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
@@ -125,28 +135,51 @@ def scan(root: str | Path, *, mode: str = "quick", workers: int | None = None) -
     survey = _Survey(root)
     folders = survey.split_folders()
     report = ValidationReport(root, mode, "split" if ALL not in folders else "folder")
-    images: list[tuple[str, str, Path]] = []  # (split, class, path)
     for split, folder in folders.items():
         report.class_names[split] = survey.class_dirs(folder)
-        for name in report.class_names[split]:
-            images += [(split, name, path) for path in survey.class_images(folder / name)]
+    # The walk that discover() makes: real paths once, loops and linked classes reported, not followed.
+    walk = FolderWalk(root, [folder / name for split, folder in folders.items() for name in report.class_names[split]])
+    images: list[tuple[str, str, Path]] = []  # (split, class, path)
+    for split, folder in folders.items():
+        for name, files in walk.walk_split(folder, report.class_names[split]).items():
+            images += [(split, name, Path(path)) for path, _ in files]
+            if report.layout == "folder":  # the automatic split keeps identical files together: say which
+                survey.check_duplicates(files)
+    survey.problems += walk.found
     report.n_files = len(images)
     workers = workers or min(32, (os.cpu_count() or 1) + 4)
     with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
         # Filters are process-wide, so silencing here covers the workers; bombs are reported by size instead.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        found = list(pool.map(lambda item: check_image(item[2], full=mode == "full"), images))
-        survey.problems += [Problem(item[2], *f) for item, f in zip(images, found, strict=True) if f]
-        good = [item for item, f in zip(images, found, strict=True) if not f]
-        survey.check_classes(report.class_names, folders, images, good)
+        checked = list(pool.map(lambda item: _check_and_measure(item[2], full=mode == "full"), images))
+        survey.problems += [Problem(item[2], *f) for item, (f, _) in zip(images, checked, strict=True) if f]
+        good = [item for item, (f, _) in zip(images, checked, strict=True) if not f]
+        sizes = [size for _, size in checked if size]
+        if sizes:
+            report.size_range = min(sizes, key=_pixels), max(sizes, key=_pixels)
+        linked = {p.path for p in walk.linked_classes()}
+        survey.check_classes(report.class_names, folders, images, good, linked)
         if report.layout == "split":
             survey.check_leakage(good, pool)
     report.problems = sorted(survey.problems, key=lambda p: (KINDS.index(p.kind), str(p.path)))
     return report
 
 
+def _check_and_measure(path: Path, *, full: bool) -> tuple[tuple[str, str] | None, ImageSize | None]:
+    """check_image's verdict, and the size a good file's header gives (a second header read, never a decode)."""
+    problem = check_image(path, full=full)
+    if problem:
+        return problem, None
+    with Image.open(path) as img:
+        return None, img.size
+
+
+def _pixels(size: ImageSize) -> int:
+    return size[0] * size[1]
+
+
 class _Survey:
-    """Walks the folder the way the DataModule reads it, collecting the structure problems on the way."""
+    """Looks at the folder the way the DataModule reads it, collecting the structure problems on the way."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -175,23 +208,13 @@ class _Survey:
             self.add(folder, NO_CLASSES, "no class sub-folders; expected one folder of images per class")
         return names
 
-    def class_images(self, folder: Path) -> list[Path]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            for name in sorted(dirnames):
-                if is_hidden_name(name):
-                    self.add(Path(dirpath, name), HIDDEN, "hidden folder, left out of the dataset")
-                    dirnames.remove(name)
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath, name)
-                if is_hidden_name(name):
-                    self.add(path, HIDDEN, "hidden file, left out of the dataset")
-                elif has_image_extension(name):
-                    found.append(path)
-                else:
-                    self.add(path, IGNORED, "no image extension, left out of the dataset")
-        return found
+    def check_duplicates(self, files: list[tuple[str, int]]) -> None:
+        for group in identical_groups(files):
+            if len(group) < 2:
+                continue
+            first = shown_path(self.root, Path(group[0]))
+            for path in group[1:]:
+                self.add(Path(path), DUPLICATE, f"the same bytes as {first}; the automatic split keeps them together")
 
     def check_classes(
         self,
@@ -199,12 +222,13 @@ class _Survey:
         folders: dict[str, Path],
         images: list[tuple[str, str, Path]],
         good: list[tuple[str, str, Path]],
+        linked: set[Path],
     ) -> None:
         total = Counter((split, name) for split, name, _ in images)
         usable = Counter((split, name) for split, name, _ in good)
         for split, names in class_names.items():
             for name in names:
-                if not usable[split, name]:
+                if not usable[split, name] and folders[split] / name not in linked:  # linked: reported as such
                     n = total[split, name]
                     detail = f"all {n} image files are bad" if n else "no file with an image extension"
                     self.add(folders[split] / name, EMPTY_CLASS, detail)
@@ -226,7 +250,7 @@ class _Survey:
         for split, _, path in good:
             by_size[path.stat().st_size].append((split, path))
         candidates = [item for group in by_size.values() if len({s for s, _ in group}) > 1 for item in group]
-        digests = pool.map(lambda item: _sha256(item[1]), candidates)
+        digests = pool.map(lambda item: sha256_file(item[1]), candidates)
         by_digest: dict[str, list[tuple[str, Path]]] = defaultdict(list)
         for item, digest in zip(candidates, digests, strict=True):
             by_digest[digest].append(item)
@@ -250,14 +274,6 @@ class _Survey:
                 yield entry
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def raise_for_bad_files(report: ValidationReport, max_shown: int = 10) -> None:
     """Stop training with one message that lists the bad files (`data.on_bad_file=error`); return if none."""
     bad = report.bad_files()
@@ -265,7 +281,7 @@ def raise_for_bad_files(report: ValidationReport, max_shown: int = 10) -> None:
         return
     kinds = Counter(p.kind for p in report.problems if p.kind in IMAGE_PROBLEM_KINDS)
     breakdown = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
-    shown = ", ".join(_relative(report.root, p) for p in bad[:max_shown])
+    shown = ", ".join(shown_path(report.root, p) for p in bad[:max_shown])
     more = f" and {len(bad) - max_shown} more" if len(bad) > max_shown else ""
     raise DataError(
         f"{len(bad)} image files under {report.root} cannot be read ({breakdown}): {shown}{more}. "
