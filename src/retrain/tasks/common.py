@@ -16,6 +16,7 @@ from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.demo import build_demo_dataset
 from retrain.data.images import IMAGE_PROBLEM_KINDS
 from retrain.data.splits import DataSplits, split_as_recorded
+from retrain.data.summary import log_data_summary
 from retrain.data.validate import ERROR_KINDS, ValidationReport, raise_for_bad_files, scan
 from retrain.errors import ConfigError, DataError
 from retrain.utils.ranks import is_rank_zero
@@ -57,6 +58,7 @@ def prepare_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None)
         build_demo_dataset(Path(data_cfg.root))
     splits = find_splits(data_cfg, recorded)
     bad: list[str] = []
+    report: ValidationReport | None = None
     if data_cfg.validate != "off":
         report = scan(Path(data_cfg.root), mode=data_cfg.validate)
         _raise_for_structure(report)
@@ -66,6 +68,8 @@ def prepare_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None)
         if bad:
             log.warning("skipping %d bad files (data.on_bad_file=skip); listed in bad_files.txt", len(bad))
             splits = splits.without({os.path.abspath(p) for p in bad})
+    if is_rank_zero():
+        log_data_summary(splits, report)  # the weights line follows it: summary.log_weights_origin
     return splits, bad
 
 
