@@ -26,7 +26,7 @@ from retrain.artifacts.formats import (
     tensor_bytes,
 )
 from retrain.artifacts.integrity import MARKER, MARKER_KEY
-from retrain.utils.io import read_json, sha256_file, write_json
+from retrain.utils.io import read_json, write_json
 
 KEPT_DIR = "kept_for_sweep"  # in a sweep job's run folder: its model, until the sweep publishes the best one
 _KEPT_TARGET = "target.json"  # where the kept model goes: the job's paths.model_dir and name
@@ -37,9 +37,10 @@ def _final_metadata(metadata: dict[str, Any], best_checkpoint: Path | None, resu
     """The checkpoint's metadata with the final metrics and results, and where the resumable checkpoint is."""
     meta = dict(metadata)
     if best_checkpoint:
-        meta = read_artifact(best_checkpoint).metadata or meta
+        checkpoint = read_artifact(best_checkpoint)  # hashes it, too
+        meta = checkpoint.metadata or meta
         meta["checkpoint_path"] = str(Path(best_checkpoint).resolve())
-        meta["checkpoint_sha256"] = sha256_file(best_checkpoint)
+        meta["checkpoint_sha256"] = checkpoint.sha256
     meta["metrics"] = {**meta.get("metrics", {}), **results["test"]}
     meta["results"] = {k: results[k] for k in ("monitor", "monitor_value", "best_epoch", "test")}
     meta[MARKER_KEY] = MARKER  # this version records its files' hashes: a metadata.json without them is refused
