@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hydra import compose, initialize_config_dir
@@ -16,6 +17,9 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 from retrain.utils.hydra import register_resolvers
+
+if TYPE_CHECKING:
+    import lightning as L
 
 REPO = Path(__file__).resolve().parents[1]
 # The console command a user types, from the environment the tests run in.
@@ -124,3 +128,11 @@ def composed(tmp_path: Path, *overrides: str, config: str = "train") -> DictConf
     with open_dict(cfg):
         del cfg["hydra"]  # as in a real run: the task sees its config, Hydra's own node lives in HydraConfig
     return cfg
+
+
+def quiet_trainer(**settings: Any) -> L.Trainer:
+    """A CPU Trainer that writes and prints nothing, for tests that fit a module in-process; `settings` add to it."""
+    import lightning  # here: the CLI tests that import this module never pay for Lightning
+
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return lightning.Trainer(accelerator="cpu", enable_model_summary=False, **{**quiet, **settings})

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from clitools import make_imagefolder
+from clitools import make_imagefolder, quiet_trainer
 from omegaconf import OmegaConf
 
 from retrain.data.datamodule import ImageFolderDataModule
@@ -86,15 +86,7 @@ def _module() -> ClassifierModule:
 
 
 def _trainer(epochs: int = EPOCHS) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
+    return quiet_trainer(max_epochs=epochs, deterministic=True)
 
 
 def _fit(data: L.LightningDataModule) -> dict:
@@ -110,8 +102,9 @@ def _fit(data: L.LightningDataModule) -> dict:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The same head training on images, on cached float32 features and on memory-mapped float16 ones."""
     root = make_imagefolder(tmp_path_factory.mktemp("cache") / "images")
-    in_memory = FeatureCache(root.parent / "unused")
-    mapped = FeatureCache(root.parent / "mapped", dtype="float16", max_memory_mb=0)
+    # fp32 extraction: these runs compare the cache with the image path exactly (bf16 is measured in bench/).
+    in_memory = FeatureCache(root.parent / "unused", precision="fp32")
+    mapped = FeatureCache(root.parent / "mapped", dtype="float16", max_memory_mb=0, precision="fp32")
     return {
         "images": _fit(_images(root)),
         "float32": {**_fit(in_memory.wrap(_images(root))), "cache": in_memory},
@@ -151,7 +144,7 @@ def test_float16_memory_mapped_cache_trains_the_same_head_within_its_precision(r
 
 def test_cache_is_dropped_when_the_weights_or_the_images_change(tmp_path: Path) -> None:
     root = make_imagefolder(tmp_path / "images", per_class=4)
-    cache = FeatureCache(tmp_path / "cache")
+    cache = FeatureCache(tmp_path / "cache", precision="fp32")
     data = cache.wrap(_images(root))
     module, trainer = _module(), _trainer()
     trainer.validate(module, datamodule=data, verbose=False)

@@ -64,6 +64,7 @@ class ClassifierModule(L.LightningModule):
         stage_lr_mult: float | dict[str, float] | None = None,
         frozen: Iterable[str] = (),
         train_bn: bool = False,
+        bn_stats: str = "frozen",
         seed: int = 0,
         channels_last: bool | Literal["auto"] = False,
         compile: bool = False,
@@ -81,6 +82,7 @@ class ClassifierModule(L.LightningModule):
         self.stage_lr_mult = stage_lr_mult
         self.frozen = list(frozen)
         self.train_bn = train_bn
+        self.bn_stats = bn_stats  # "train": frozen stages' BatchNorm runs in train mode (statistics drift)
         self.seed = seed
         self.channels_last_setting = channels_last
         self.channels_last = channels_last is True  # "auto" is decided in setup(), once the device is known
@@ -124,10 +126,10 @@ class ClassifierModule(L.LightningModule):
         log.info("model.channels_last=auto: %s (%s, %s px)", "on" if self.channels_last else "off", device, size)
 
     def train(self, mode: bool = True) -> ClassifierModule:
-        """Enter train mode but keep BatchNorm of frozen stages in eval mode (unless `train_bn`)."""
+        """Enter train mode but keep BatchNorm of frozen stages in eval mode (unless `train_bn` or bn_stats=train)."""
         super().train(mode)
         if mode:
-            set_bn_mode(self.model, self.frozen, self.train_bn)
+            set_bn_mode(self.model, self.frozen, self.train_bn or self.bn_stats == "train")
         return self
 
     def on_fit_start(self) -> None:

@@ -32,6 +32,7 @@ from retrain.data.splits import DataSplits
 from retrain.errors import ConfigError
 from retrain.export.qat import finish_qat, start_qat
 from retrain.inference.deploy_info import deploy_info
+from retrain.model.bn_adapt import adaptation_for, bn_stats_record
 from retrain.model.feature_cache import FeatureCache, feature_cache_for
 from retrain.model.module import ClassifierModule
 from retrain.model.pruning import make_permanent, prune_from_config
@@ -135,6 +136,7 @@ def _module(
         stage_lr_mult=cfg.model.stage_lr_mult,
         frozen=frozen,
         train_bn=cfg.model.train_bn,
+        bn_stats=metadata["bn_stats"]["setting"],
         seed=cfg.seed,
         channels_last=cfg.model.channels_last,
         compile=cfg.model.compile,
@@ -220,6 +222,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 lr_find=run.lr_find,
                 report=finish_report(model.callbacks, test_metrics),
                 prune=model.pruning,
+                bn_stats=run.module.metadata.get("bn_stats"),
             )
             _publish_phase(run, preemption, best, results)
             write_json(run_dir / "results.json", results)
@@ -286,6 +289,7 @@ def _metadata_phase(cfg: DictConfig, run_dir: Path, data: DataParts, model: Mode
         freeze=model.frozen,
         train_bn=cfg.model.train_bn,
     )
+    metadata["bn_stats"] = bn_stats_record(cfg.model, model.frozen)  # adapting adds the images it used
     if model.pruning:
         metadata["prune"] = model.pruning
     if model.qat is not None:
@@ -323,6 +327,8 @@ def _trainer_phase(
     fit_data: L.LightningDataModule = data.datamodule if cache is None else cache.wrap(data.datamodule)
     if cache is not None:
         callbacks.append(cache)
+    if (adaptation := adaptation_for(cfg.model, model.frozen, seed=cfg.seed)) is not None:
+        callbacks.append(adaptation)  # on fit start, before the cache extracts a feature
     lr_find = _tune_phase(cfg, module, fit_data, run_dir, resuming=resume_path is not None)
     loggers = make_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])

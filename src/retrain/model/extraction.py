@@ -1,0 +1,86 @@
+"""Forward passes over a whole split without gradients (the feature cache, BatchNorm adaptation), as fast as the
+device allows: eval transforms and the fast decoder through loader workers, big batches, NHWC and native bf16.
+
+Measured on a 2-core AMD EPYC (Zen 5, AVX512_BF16), ResNet18 at 224 px, batch 64, inference mode, images/s:
+fp32 NCHW 11.3, fp32 NHWC 12.7, bf16 NCHW 11.5, bf16 NHWC 26.0 (the machine shared with other jobs: the ratios
+count, not the figures). Batch 16: 19.8, 32: 24.7, 64 and 128: 30.5 in bf16 NHWC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from retrain.data.datamodule import ImageFolderDataModule, ImageListDataset, decode_request
+from retrain.errors import ConfigError
+from retrain.utils.hydra import cpu_precision
+
+PRECISIONS = ("auto", "bf16", "fp32")
+# Extraction batches: the throughput above stops growing at 64 images; a smaller eval batch size is not raised.
+MIN_BATCH = 64
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively (AVX512_BF16/AMX CPUs, Ampere+ GPUs); emulated bf16 is slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_precision() == "bf16-mixed"
+
+
+def extraction_dtype(setting: object, device: torch.device) -> torch.dtype | None:
+    """What `model.feature_cache_precision` means on this device: bfloat16 (autocast), float32 (no autocast), or
+    None for the Trainer's own precision.
+
+    auto: bf16 where the device has it natively (the head's accuracy is the same as with fp32 features, see
+    bench/frozen_head.py), else the Trainer's precision; bf16: always; fp32: never, whatever the Trainer's precision.
+    """
+    text = str(setting).lower()
+    if text not in PRECISIONS:
+        raise ConfigError(
+            f"model.feature_cache_precision={setting!r}; expected one of {', '.join(PRECISIONS)}. "
+            "Fix: model.feature_cache_precision=auto (bf16 where the CPU or GPU has it natively) or fp32."
+        )
+    if text == "bf16" or (text == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return torch.float32 if text == "fp32" else None
+
+
+def forward_context(dtype: torch.dtype | None, device: torch.device, fallback: Callable[[], Any]) -> Any:
+    """Autocast to bf16, plain fp32 (autocast off), or `fallback()` (the Trainer's precision context) for None."""
+    if dtype is None:
+        return fallback()
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def eval_dataset(images: ImageFolderDataModule, split: str) -> ImageListDataset:
+    """`split`'s images with the eval transforms and the eval decode size (the train split too: no augmentation)."""
+    dataset = images.dataset(split)
+    if split == "train" and images.augment != "none":
+        min_size, margin = decode_request(images.preprocessing, "none", split)
+        cache = images.decode_cache
+        dataset = ImageListDataset(
+            dataset.samples, images.eval_transform, min_size if images.fast_decode else None, margin, cache
+        )
+    return dataset
+
+
+def extraction_batch_size(images: ImageFolderDataModule) -> int:
+    """The eval batch size, raised to MIN_BATCH: no gradients are kept, so bigger batches cost little memory."""
+    return max(images.eval_batch_size, MIN_BATCH)
+
+
+def image_batches(
+    dataset: Dataset, device: torch.device, *, batch_size: int, num_workers: int, indices: list[int] | None = None
+) -> Iterator[torch.Tensor]:
+    """`dataset`'s images (or those at `indices`) in order, in NHWC batches on `device`, decoded by loader workers."""
+    source = dataset if indices is None else Subset(dataset, indices)
+    loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    for batch, _ in loader:
+        # Channels-last images take the faster convolution kernels (oneDNN, cuDNN with 16-bit types); the
+        # results match the NCHW pass within float rounding (~1e-6 in fp32).
+        yield batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
