@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
+from torch.utils.data import DistributedSampler
 
 from retrain.data.balance import BalancedSampler, check_sampler, loss_weights
+from retrain.data.datamodule import ImageFolderDataModule
+from retrain.data.splits import discover
 from retrain.errors import ConfigError, DataError
 
 COUNTS = {"cat": 100, "dog": 10, "fox": 10}
@@ -75,3 +80,17 @@ def test_ranks_take_disjoint_shards_of_one_global_draw() -> None:
     assert [len(shard) for shard in shards] == [25] * 4
     interleaved = [shard[i] for i in range(25) for shard in shards]
     assert interleaved == list(one)  # position p of the global draw goes to rank p % 4, and to no other rank
+
+
+def test_the_train_loader_of_a_ddp_rank_draws_its_shard_for_the_resumed_epoch(imagefolder: Path) -> None:
+    splits = discover(imagefolder)
+    data = ImageFolderDataModule(splits, image_size=32, num_workers=0, pin_memory=False, sampler="balanced")
+    progress = SimpleNamespace(current=SimpleNamespace(processed=3))  # a fit resumed after 3 epochs
+    data.trainer = SimpleNamespace(world_size=2, global_rank=1, fit_loop=SimpleNamespace(epoch_progress=progress))
+    sampler = data.train_dataloader().sampler
+    # A DistributedSampler: Lightning neither replaces nor wraps it under DDP, and calls its set_epoch.
+    assert isinstance(sampler, BalancedSampler) and isinstance(sampler, DistributedSampler)
+    assert (sampler.num_replicas, sampler.rank, sampler.epoch) == (2, 1, 3)
+    assert len(sampler) == len(data.splits.samples["train"]) // 2
+    plain = ImageFolderDataModule(discover(imagefolder), image_size=32, num_workers=0).train_dataloader()
+    assert not isinstance(plain.sampler, BalancedSampler)

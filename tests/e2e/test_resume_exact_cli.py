@@ -1,7 +1,8 @@
 """Exact resume on the CPU: interrupted after epoch 2 and resumed, a run ends with bit-identical weights.
 
 With `trainer.deterministic=true`, default augmentation, MixUp/CutMix and a loader worker: the RNGs are seeded from
-(seed, epoch) at each epoch start, and the worker restarts each epoch so its RNG follows that seed too.
+(seed, epoch) at each epoch start, and the worker restarts each epoch so its RNG follows that seed too. Again with
+data.sampler=balanced (and class weights), whose draw of each epoch is seeded from (seed, epoch) as well.
 The interruption point is the periodic checkpoint taken after epoch 2 of the same 4-epoch run: a run planned
 for 2 epochs would differ on purpose, as its cosine schedule (T_max = max_epochs) decays over 2 epochs.
 """
@@ -38,12 +39,19 @@ def final_state(run_dir: Path) -> dict:
     return {key: checkpoint[key] for key in ("state_dict", "optimizer_states", "global_step", "epoch")}
 
 
-def test_resume_after_epoch_2_matches_the_uninterrupted_run_bit_for_bit(tmp_path: Path, imagefolder: Path) -> None:
+@pytest.mark.parametrize(
+    "balance",
+    [(), ("data.sampler=balanced", "model.class_weights=balanced")],
+    ids=["shuffle", "balanced"],  # the balanced draw is seeded from (seed, epoch) as the shuffle is
+)
+def test_resume_after_epoch_2_matches_the_uninterrupted_run_bit_for_bit(
+    tmp_path: Path, imagefolder: Path, balance: tuple[str, ...]
+) -> None:
     data = f"data.root={imagefolder}"
-    straight = run_cli("train.py", data, *FAST, *SETTINGS, cwd=tmp_path)
+    straight = run_cli("train.py", data, *FAST, *SETTINGS, *balance, cwd=tmp_path)
     assert_ok(straight)
     (after_two,) = (straight.runs()[-1] / "checkpoints" / "periodic").glob("*-epoch001.ckpt")
-    resumed = run_cli("train.py", data, *FAST, *SETTINGS, f"ckpt_path={after_two}", cwd=tmp_path)
+    resumed = run_cli("train.py", data, *FAST, *SETTINGS, *balance, f"ckpt_path={after_two}", cwd=tmp_path)
     assert_ok(resumed)
     assert "persistent_workers=false" in straight.output
 

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from retrain.data.balance import BalancedSampler, check_sampler
 from retrain.data.decode_cache import DecodedImageCache
 from retrain.data.images import DRAFT_MARGIN, RANDOM_CROP_DRAFT_MARGIN, open_rgb
 from retrain.data.mixing import BatchMixing
@@ -87,6 +88,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         decode_cache: str | None = None,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        sampler: str = "shuffle",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.splits = splits
@@ -110,6 +113,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         mixing_on = self.mixup_alpha != 0 or self.cutmix_alpha != 0
         self.mixing = BatchMixing(len(self.class_names), self.mixup_alpha, self.cutmix_alpha) if mixing_on else None
         self.mixes_batches = self.mixing is not None
+        self.sampler = check_sampler(sampler)
+        self.seed = seed  # with the epoch, seeds data.sampler=balanced's draw
 
     def dataset(self, split: str) -> ImageListDataset:
         """The dataset of one split, with train augmentation only for `train`."""
@@ -134,10 +139,12 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.num_workers
+        sampler = self.train_sampler() if split == "train" else None
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             drop_last=shuffle,  # a last train batch of one image breaks BatchNorm
             num_workers=workers,
             pin_memory=self._pin(),
@@ -146,8 +153,20 @@ class ImageFolderDataModule(L.LightningDataModule):
             collate_fn=self.mixing if split == "train" else None,
         )
 
+    def train_sampler(self) -> BalancedSampler | None:
+        """data.sampler=balanced: this rank's shard of each epoch's class-balanced draw; None: plain shuffling."""
+        if self.sampler != "balanced":
+            return None
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        labels = [label for _, label in self.splits.samples["train"]]
+        sampler = BalancedSampler(labels, seed=self.seed, num_replicas=replicas, rank=rank)
+        if trainer is not None:  # Lightning draws a fit's first epoch before its set_epoch: after a resume, not 0
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        return sampler
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled train batches; the order is seeded per epoch by the module, so resume replays it."""
+        """Shuffled (or class-balanced) train batches, seeded per epoch, so resume replays them."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

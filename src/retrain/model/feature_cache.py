@@ -231,7 +231,14 @@ class FeatureCache(Callback):
         """A loader of (features, label) batches for `split`, batched and shuffled as the image loader would be."""
         entry = self._entry(split, images, trainer)
         batch_size = images.batch_size if split == "train" else images.eval_batch_size
-        return DataLoader(_CachedSplit(entry), batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch)
+        sampler = images.train_sampler() if split == "train" else None  # data.sampler=balanced: the same draws
+        return DataLoader(
+            _CachedSplit(entry),
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=_whole_batch,
+        )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Recompute every split in place if anything changed the backbone since the features were computed."""

@@ -34,6 +34,7 @@ DATAMODULE_KEYS = (
     "decode_cache",
     "mixup_alpha",
     "cutmix_alpha",
+    "sampler",
 )
 
 
@@ -86,7 +87,12 @@ def _raise_for_structure(report: ValidationReport) -> None:
 
 
 def make_datamodule(
-    splits: DataSplits, data_cfg: DictConfig, *, image_size: int | None = None, augment: str | None = None
+    splits: DataSplits,
+    data_cfg: DictConfig,
+    *,
+    image_size: int | None = None,
+    augment: str | None = None,
+    seed: int = 0,
 ) -> ImageFolderDataModule:
     """The DataModule for `splits`; image size and augmentation may come from an artifact instead of the config."""
     options = {key: data_cfg.get(key) for key in DATAMODULE_KEYS}
@@ -94,6 +100,7 @@ def make_datamodule(
         splits,
         image_size=image_size or data_cfg.image_size,
         augment=augment or data_cfg.augment,
+        seed=seed,
         **options,
     )
 

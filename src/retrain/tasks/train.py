@@ -234,7 +234,7 @@ def _data_phase(cfg: DictConfig, run_dir: Path, resumed: Artifact | None) -> Dat
     """Scan and split the images (reusing a resumed run's split) and record the split in the run folder."""
     recorded = ((resumed.metadata or {}).get("dataset") if resumed else None) or None
     splits, bad_files = prepare_splits(cfg.data, recorded)
-    datamodule = make_datamodule(splits, cfg.data)
+    datamodule = make_datamodule(splits, cfg.data, seed=cfg.seed)
     if cfg.trainer.get("deterministic") and datamodule.persistent_workers:
         # A persistent worker keeps one RNG stream across epochs, so after a resume it would augment differently;
         # workers started per epoch are seeded from that epoch's seed, which makes resume exact.
