@@ -28,6 +28,7 @@ class DataConfig:
     augment: str = MISSING  # none | light | strong: data/transforms.py says which
     mixup_alpha: float = MISSING
     cutmix_alpha: float = MISSING
+    sampler: str = MISSING  # shuffle | balanced: data/balance.py
     batch_size: int = MISSING
     eval_batch_size: Optional[int] = MISSING
     num_workers: Optional[int] = MISSING
