@@ -74,7 +74,7 @@ def test_warnings_for_small_absent_nested_skipped_looping_and_lopsided_classes(l
     assert skipped.startswith("3 image files skipped: the loader does not read their format (.gif 2, .heic 1;")
     assert loop.startswith("1 linked folder not followed") and "cat/loop: a link to the data folder" in loop
     assert imbalance.startswith("The largest class in train (cat, 10 images) has 10.0x the images of the smallest")
-    assert "model.class_weights=balanced" in imbalance
+    assert "model.class_weights=balanced" in imbalance and "data.sampler=balanced" in imbalance
     assert all("Fix: " in text for text in warnings)
 
 

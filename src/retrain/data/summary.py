@@ -159,8 +159,9 @@ def _imbalance_warning(summary: DataSummary) -> list[str]:
     return [
         f"The largest class in train ({big}, {train[big]} images) has {summary.imbalance():.1f}x the images of "
         f"the smallest ({small}, {train[small]}); above {IMBALANCE_WARNING:g}x, accuracy mostly measures the "
-        "large classes. Fix: add images of the small classes, or weight the loss with model.class_weights=balanced; "
-        "the report's per-class table shows what each class scores."
+        "large classes. Fix: add images of the small classes, or weight the loss with model.class_weights=balanced, "
+        "or draw every class equally often with data.sampler=balanced; monitor=val/bal_acc picks the epoch by "
+        "balanced accuracy, and the report's per-class table shows what each class scores."
     ]
 
 
