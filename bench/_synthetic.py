@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,4 +44,47 @@ def imagefolder(
         for i in range(count):
             image = photo(*size, seed=2 * i + offset)
             save(image, root / split / names[i % classes] / f"{i:05d}{suffix}")
+    return root
+
+
+# Colour tints that classes are told apart by, under heavy noise (random convolutional features separate them too).
+TINTS = {
+    "red": (200, 70, 70),
+    "green": (70, 200, 70),
+    "blue": (70, 70, 200),
+    "yellow": (200, 200, 70),
+    "magenta": (200, 70, 200),
+    "cyan": (70, 200, 200),
+}
+
+
+def tinted(tint: tuple[int, int, int], size: int, rng: np.random.Generator, *, domain: str = "photo") -> Image.Image:
+    """A square image of `tint` under noise; domain "scan" is the same picture dim and flat (a third of the
+    contrast, grey-lifted), as scans and X-rays are next to photos: what shifts a BatchNorm's statistics."""
+    pixels = np.asarray(tint, dtype=np.float32) * rng.uniform(0.5, 1.0) + rng.normal(0, 70, (size, size, 3))
+    if domain == "scan":
+        pixels = 0.35 * pixels + 60
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def tinted_imagefolder(
+    root: Path,
+    tints: dict[str, tuple[int, int, int]],
+    *,
+    train: int,
+    val: int,
+    size: int,
+    seed: int,
+    domain: str = "photo",
+) -> Path:
+    """root/{train,val}/<tint name>/*.jpg: `train` and `val` images per class; a finished set is reused."""
+    if (root / "val").is_dir():
+        return root
+    rng = np.random.default_rng(seed)
+    staging = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    for name, tint in tints.items():
+        for i in range(train + val):
+            split = "train" if i < train else "val"
+            save(tinted(tint, size, rng, domain=domain), staging / split / name / f"{i:04d}.jpg")
+    staging.rename(root)  # a half-written set is never mistaken for a finished one
     return root

@@ -25,6 +25,7 @@ from retrain.callbacks.unfreeze import ProgressiveUnfreeze
 from retrain.cli.report_cmd import _unfreeze_milestones
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.splits import DataSplits, discover
+from retrain.data.transforms import preprocessing
 from retrain.model.module import ClassifierModule
 from retrain.model.resnet import build_resnet
 
@@ -215,3 +216,22 @@ def test_rebuild_without_a_report_takes_milestones_from_the_unfreeze_summary() -
     ]
     assert _unfreeze_milestones({"unfreeze": {"history": rows}}) == [{"epoch": 2, "stages": ["layer4"]}]
     assert _unfreeze_milestones({"unfreeze": None}) == []
+
+
+def test_the_report_reuses_the_best_epochs_val_predictions_instead_of_scoring_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    splits = discover(make_imagefolder(tmp_path / "images", per_class=4))
+    scored: list[int] = []
+    score = report_module.predict_samples
+    monkeypatch.setattr(report_module, "predict_samples", lambda *a, **k: scored.append(1) or score(*a, **k))
+    report = _fit(tmp_path, splits, 2, None, "csv")
+    assert scored == []  # no second pass over the val images
+    assert report.inputs is not None
+    best = next(p for p in (tmp_path / "run" / "ckpt").glob("epoch=*.ckpt"))
+    net = build_resnet("resnet18", 3)
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    net.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    again = score(net, splits.samples["val"], preprocessing(32))
+    np.testing.assert_allclose(report.inputs.predictions.probs, again.probs, atol=1e-5)
+    assert report.inputs.predictions.paths == again.paths

@@ -12,7 +12,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from retrain.analysis.report_files import REPORT_FILES, ReportInputs, predict_samples, write_markdown, write_report
+from retrain.analysis.report_files import (
+    REPORT_FILES,
+    Predictions,
+    ReportInputs,
+    predict_samples,
+    write_markdown,
+    write_report,
+)
 from retrain.analysis.tracking import log_report
 from retrain.model.module import ClassifierModule
 from retrain.model.resnet import STAGES, stage_of
@@ -38,7 +45,11 @@ def task_overrides() -> list[str]:
 
 
 class RunReport(L.Callback):
-    """Write the run's report into `dirpath` when fit ends, scoring the val split with the best checkpoint.
+    """Write the run's report into `dirpath` when fit ends, with the val split's predictions of the best checkpoint.
+
+    Those predictions are the ones validation made in that checkpoint's epoch, kept as it ran, so the images are
+    not scored again; only when they are not at hand (a resumed run's earlier best, a DDP shard, limited val
+    batches) does it score the split itself.
 
     It keeps its own per-epoch history (train metrics as aggregated over the epoch, val metrics of that epoch)
     and notes every epoch at which more stages became trainable (an unfreeze milestone); both survive a
@@ -58,6 +69,8 @@ class RunReport(L.Callback):
         self.milestones: list[dict[str, Any]] = []
         self._trainable: list[str] | None = None
         self._validated = False
+        self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # this val epoch's (probs, labels)
+        self._kept: dict[str, tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # "last", "best": (epoch, ...)
         self._loggers: list[Any] = []
         self.inputs: ReportInputs | None = None  # set once the report is written
 
@@ -66,9 +79,28 @@ class RunReport(L.Callback):
         if self._trainable is None:
             self._trainable = trainable_stages(pl_module.get_submodule("model"))
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start collecting this val epoch's predictions."""
+        self._val_batches = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Keep the batch's class probabilities (the module's validation_step returns its logits)."""
+        if not trainer.sanity_checking and isinstance(outputs, torch.Tensor):
+            self._val_batches.append((outputs.float().softmax(dim=1).cpu(), batch[1].cpu()))
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Remember that this epoch has fresh val metrics (not the sanity check's)."""
+        """Remember that this epoch has fresh val metrics and predictions (not the sanity check's)."""
         self._validated = not trainer.sanity_checking
+        if self._validated:
+            self._kept["last"] = (trainer.current_epoch, self._val_batches)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record this epoch's metrics and whether stages were unfrozen during it."""
@@ -81,6 +113,7 @@ class RunReport(L.Callback):
                 if value is not None:
                     row[key] = value
         self.history.append(row)
+        self._keep_if_best(trainer.checkpoint_callback)
         self._validated = False
         now = trainable_stages(pl_module.get_submodule("model"))
         added = [stage for stage in now if stage not in (self._trainable or [])]
@@ -98,16 +131,15 @@ class RunReport(L.Callback):
         module = cast(ClassifierModule, pl_module)
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
         net, weights = self._best_weights(trainer, module)
-        predictions = predict_samples(
-            net,
-            datamodule.splits.samples[self.split],
-            datamodule.preprocessing,
-            device=trainer.strategy.root_device,
-            batch_size=self.batch_size,
-        )
-        meta = module.metadata
         checkpoint = trainer.checkpoint_callback
         best_epoch = self._best_epoch(checkpoint)
+        samples = datamodule.splits.samples[self.split]
+        from_best = isinstance(checkpoint, ModelCheckpoint) and bool(checkpoint.best_model_path)
+        scored = best_epoch if from_best else trainer.current_epoch - 1  # the epoch whose weights are reported
+        predictions = self._kept_predictions(scored, samples) or predict_samples(
+            net, samples, datamodule.preprocessing, device=trainer.strategy.root_device, batch_size=self.batch_size
+        )
+        meta = module.metadata
         run_dir = Path(trainer.default_root_dir)
         bad_list = run_dir / "bad_files.txt"
         self.inputs = ReportInputs(
@@ -147,6 +179,33 @@ class RunReport(L.Callback):
             epoch = self._best_epoch(checkpoint)
             return net, f"the best checkpoint (epoch {epoch})" if epoch is not None else "the best checkpoint"
         return net, "the final weights"
+
+    def _keep_if_best(self, checkpoint: Any) -> None:
+        """Keep this epoch's val predictions while it is the best so far (ModelCheckpoint's rule: strictly better)."""
+        monitor = getattr(checkpoint, "monitor", None)
+        value = self.history[-1].get(monitor or "") if self._validated else None
+        if value is None or "last" not in self._kept:
+            return
+        best = self._kept.get("best")
+        best_value = self._history_value(best[0], monitor or "") if best else None
+        better = best_value is None or (value > best_value if checkpoint.mode == "max" else value < best_value)
+        if better:
+            self._kept["best"] = self._kept["last"]
+
+    def _history_value(self, epoch: int, key: str) -> float | None:
+        """`key` as recorded for `epoch`, or None."""
+        return next((row[key] for row in self.history if row.get("epoch") == epoch and key in row), None)
+
+    def _kept_predictions(self, epoch: int | None, samples: list[tuple[str, int]]) -> Predictions | None:
+        """The predictions validation made with the weights of `epoch`, if kept whole and in the split's order."""
+        kept = next((batches for e, batches in self._kept.values() if e == epoch), None)
+        if not kept:
+            return None
+        probs, labels = torch.cat([p for p, _ in kept]), torch.cat([y for _, y in kept])
+        if labels.tolist() != [label for _, label in samples]:  # a DDP shard, limited batches: score it all
+            return None
+        log.info("report: reusing the val predictions of epoch %d (the images are not scored again)", epoch)
+        return Predictions(probs.numpy(), labels.numpy(), [path for path, _ in samples])
 
     def _best_epoch(self, checkpoint: Any) -> int | None:
         if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.best_model_score is None:
