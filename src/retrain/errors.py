@@ -25,5 +25,9 @@ class RegistryError(ArtifactError):
     """A registry name or version is unknown, or the registry cannot be written."""
 
 
+class TrainingError(RetrainError):
+    """Training produced nothing worth keeping: a loss that is not finite, or no training step at all."""
+
+
 class DiskFullError(RetrainError):
     """A disk filled up while writing a checkpoint or a registry version; what was written before is intact."""

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import retrain.callbacks.preemption as preemption_module
 from retrain.artifacts.registry import reserve_version
-from retrain.callbacks.preemption import PREEMPTED_EXIT_CODE, Preemption
+from retrain.callbacks.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preemption
 
 
 @pytest.fixture
@@ -107,3 +107,17 @@ def test_stop_abandons_the_version_records_the_phase_and_exits_143(
         "global_step": 0,
     }
     assert "Stopped on SIGTERM in publish" in caplog.text and command in caplog.text
+
+
+def test_ctrl_c_takes_the_sigterm_path_and_a_second_one_stops_at_once(escaped: list[int], tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with Preemption(cpu_trainer(), tmp_path, "m", [], None) as preemption:
+        signal.raise_signal(signal.SIGINT)  # the first: noted, the run goes on to the next step boundary
+        assert preemption.received and preemption.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        with pytest.raises(SystemExit) as stop:
+            preemption.stop("fit", tmp_path / "last.ckpt")
+    assert stop.value.code == INTERRUPTED_EXIT_CODE == 130
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is before and escaped == []

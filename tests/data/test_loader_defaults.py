@@ -25,7 +25,8 @@ def test_workers_leave_one_core_to_each_training_process(
 
 
 def fake_trainer(devices: int, device: str) -> SimpleNamespace:
-    return SimpleNamespace(num_devices=devices, strategy=SimpleNamespace(root_device=torch.device(device)))
+    root = SimpleNamespace(root_device=torch.device(device))
+    return SimpleNamespace(num_devices=devices, world_size=devices, strategy=root)
 
 
 def test_defaults_follow_the_trainer_the_module_is_attached_to(

@@ -8,7 +8,8 @@ through the Trainer's checkpoint IO (atomic in this project), under the name ``c
 Outside its loops Lightning does not help: between Trainer runs SIGTERM has its default action (the process
 dies at once: no results.json, no hint, the reserved version left behind), and ``SIGTERMException`` is a
 ``SystemExit`` without a code: raised by the test Trainer after fit, it would end the process with exit 0 and
-nothing published. ``Preemption`` covers the whole span from fit to publish (see its docstring).
+nothing published. ``Preemption`` covers the whole span from fit to publish (see its docstring), and treats Ctrl-C
+(SIGINT) the same way, exiting 130: a KeyboardInterrupt would stop the run wherever it is, and Lightning then exits 1.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ log = logging.getLogger("retrain")
 
 # What a shell reports for a process ended by SIGTERM (128 + 15): the run stopped early, on purpose.
 PREEMPTED_EXIT_CODE = 143
+# And by Ctrl-C (128 + 2), as `retrain` (cli/main.py) exits on one.
+INTERRUPTED_EXIT_CODE = 130
 
 
 class PreemptionCheckpoint(L.Callback):
-    """Saves ``<dirpath>/<filename>.ckpt`` when training stops on SIGTERM, so ``ckpt_path=last`` resumes there.
+    """Saves ``<dirpath>/<filename>.ckpt`` when training stops on SIGTERM or Ctrl-C, so ``ckpt_path=last`` resumes.
 
     The checkpoint is taken after the batch that was running when the signal came, so at most that batch's
     time is lost; resuming continues the same epoch.
@@ -76,7 +79,8 @@ def resume_command(name: str, checkpoint: Path, overrides: Sequence[str]) -> str
 
 
 class Preemption:
-    """From fit to publish, a SIGTERM stops the run at the next step boundary: exit 143 and a way to finish it.
+    """From fit to publish, a SIGTERM or Ctrl-C stops the run at the next step boundary: exit 143 (130 for Ctrl-C)
+    and a way to finish it.
 
     While inside, SIGTERM only sets `received` (and Lightning's own flag while a Trainer runs: a Trainer chains the
     handler it finds after its own and puts it back at teardown, so this one stays in place the whole time). The
@@ -93,6 +97,9 @@ class Preemption:
 
     last.ckpt is written at the end of every epoch, so after fit the rerun (``ckpt_path=last``) skips training and
     goes straight to test and publish. Installing the handler needs the main thread; elsewhere it is left alone.
+
+    Ctrl-C (SIGINT) calls the SIGTERM handler in place, so it takes the same path (results.json ``"status":
+    "interrupted"``, exit 130). A second Ctrl-C stops at once, as a plain KeyboardInterrupt.
     """
 
     def __init__(
@@ -109,22 +116,31 @@ class Preemption:
         self.overrides = list(overrides)
         self.reservation = reservation
         self.received = False
-        self._previous: Any = None
-        self._installed = False
+        self.signal: int | None = None  # the first stop signal: SIGTERM or SIGINT
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._note)
-            self._installed = True
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._note)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._installed:  # None: the previous handler was not set from Python; the default is the safe guess
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
-            self._installed = False
+        for signum, previous in self._previous.items():  # None: not set from Python; the default is the safe guess
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.received = True
+        self.signal = self.signal or signum
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if self.received:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal = signal.SIGINT
+        log.warning("Ctrl-C: stopping after the current step, saving last.ckpt (Ctrl-C again stops at once)")
+        handler = signal.getsignal(signal.SIGTERM)  # while a Trainer runs, Lightning's: it calls _note in turn
+        (handler if callable(handler) else self._note)(signal.SIGTERM, frame)
 
     def stop_if_received(self, phase: str, checkpoint: Path | None) -> None:
         """Stop before `phase` starts if a SIGTERM came since fit began (one Lightning's loops did not act on)."""
@@ -132,14 +148,15 @@ class Preemption:
             self.stop(phase, checkpoint)
 
     def stop(self, phase: str, checkpoint: Path | None) -> NoReturn:
-        """Abandon the reserved version, record the stop in results.json, log how to finish, exit 143."""
+        """Abandon the reserved version, record the stop in results.json, log how to finish, exit 143 (130)."""
         if self.reservation is not None:
             registry.abandon(self.reservation)
         trainer = self.trainer
+        interrupted = self.signal == signal.SIGINT
         if trainer.is_global_zero:
             command = resume_command(self.name, checkpoint, self.overrides) if checkpoint else None
             results: dict[str, Any] = {
-                "status": "preempted",
+                "status": "interrupted" if interrupted else "preempted",
                 "phase": phase,
                 "checkpoint": str(checkpoint) if checkpoint else None,
                 "resume_command": command,
@@ -152,10 +169,11 @@ class Preemption:
             else:
                 how = "start again: no checkpoint was saved (no PreemptionCheckpoint, and checkpoint.save_last=false)"
             log.warning(
-                "Stopped on SIGTERM in %s at epoch %d, step %d; nothing was published. To finish, %s",
+                "Stopped on %s in %s at epoch %d, step %d; nothing was published. To finish, %s",
+                "Ctrl-C" if interrupted else "SIGTERM",
                 phase,
                 trainer.current_epoch,
                 trainer.global_step,
                 how,
             )
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        raise SystemExit(INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE)

@@ -139,19 +139,27 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.num_workers
+        dataset = self.dataset(split)
+        batch_size = self.batch_size if split == "train" else self.eval_batch_size
         sampler = self.train_sampler() if split == "train" else None
         return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            dataset,
+            batch_size=batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            drop_last=shuffle,  # a last train batch of one image breaks BatchNorm
+            drop_last=shuffle and self._full_batch(len(dataset), batch_size),
             num_workers=workers,
             pin_memory=self._pin(),
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
             collate_fn=self.mixing if split == "train" else None,
         )
+
+    def _full_batch(self, images: int, batch_size: int) -> bool:
+        """Whether every process gets a whole batch: then a last train batch of one image, which breaks BatchNorm,
+        is dropped; with fewer images than a batch the one smaller batch is kept, or there would be no step."""
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        return images // max(1, processes) >= batch_size
 
     def train_sampler(self) -> BalancedSampler | None:
         """data.sampler=balanced: this rank's shard of each epoch's class-balanced draw; None: plain shuffling."""

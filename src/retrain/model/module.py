@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from retrain.errors import TrainingError
 from retrain.model.surgery import param_groups, set_bn_mode
 
 log = logging.getLogger("retrain")
@@ -47,6 +48,12 @@ def _metrics(num_classes: int) -> MetricCollection:
     if num_classes >= 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics)
+
+
+def logged_metric_names(num_classes: int) -> list[str]:
+    """Every metric fit logs for `num_classes` classes: what `monitor` may name (test/ comes only after fit)."""
+    names = ["loss", *_metrics(num_classes).keys()]
+    return [f"{stage}/{name}" for stage in ("train", "val") for name in names]
 
 
 class ClassifierModule(L.LightningModule):
@@ -170,8 +177,22 @@ class ClassifierModule(L.LightningModule):
         return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Cross-entropy on one batch."""
-        return self._step(batch, self.train_metrics, "train")[0]
+        """Cross-entropy on one batch; a loss that is not finite stops the run before it reaches the weights."""
+        loss, _ = self._step(batch, self.train_metrics, "train")
+        if not torch.isfinite(loss):
+            raise TrainingError(self._diverged(float(loss.detach()), batch_idx))
+        return loss
+
+    def _diverged(self, loss: float, batch_idx: int) -> str:
+        groups = self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []
+        lr = max((float(group["lr"]) for group in groups), default=self.lr)
+        return (
+            f"train/loss is {loss} at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}) with "
+            f"learning rate {lr:g}: training diverged, so this run publishes nothing; checkpoints saved before "
+            "this step are intact. Expected a finite loss. Fix: lower the learning rate (e.g. "
+            f"model.lr={self.lr / 100:g}) or let tune.lr_find=true pick it; trainer.gradient_clip_val=1.0 bounds "
+            "each update; with precision=16-mixed, try bf16-mixed or 32-true."
+        )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Accumulate val loss and metrics; the logits go to callbacks (the report keeps the last epoch's)."""
@@ -223,11 +244,11 @@ class ClassifierModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the metric history on resume, and note which epoch the run continues with."""
         self.history = list(checkpoint.get("retrain", {}).get("history", []))
-        self._resume_epoch = _epoch_to_resume(checkpoint)
+        self._resume_epoch = epochs_done(checkpoint)
 
 
-def _epoch_to_resume(checkpoint: dict[str, Any]) -> int:
-    """The epoch Lightning continues with: the fit loop's processed epochs (its current_epoch after restore)."""
+def epochs_done(checkpoint: dict[str, Any]) -> int:
+    """The epochs a checkpoint's fit has finished: the fit loop's processed epochs, where a resume continues."""
     try:
         return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError):  # a checkpoint without loop state restarts the epoch count

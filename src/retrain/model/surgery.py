@@ -325,6 +325,22 @@ def _mismatch_error(
     return ArtifactError(" ".join(parts))
 
 
+def raise_for_non_finite(state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Refuse weights holding NaN or inf: every output of such a model is NaN, and training from it stays NaN."""
+    bad = [
+        f"{key} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)"
+        for key, tensor in state_dict.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise ArtifactError(
+            f"{source}: {len(bad)} tensors hold NaN or inf: {', '.join(bad[:_SHOWN_KEYS])}"
+            f"{f' (+{len(bad) - _SHOWN_KEYS} more)' if len(bad) > _SHOWN_KEYS else ''}. Expected finite weights. "
+            "Fix: load a file saved before training diverged (an earlier checkpoint or registry version), or "
+            "start from other weights (model.init_from=IMAGENET1K_V1, or null for random ones)."
+        )
+
+
 def load_weights(
     model: nn.Module, state_dict: Mapping[str, Any], *, source: str, replace_head: bool = True
 ) -> str | None:
@@ -360,6 +376,7 @@ def load_weights(
             "Wrong shape": wrong_shape,
         }
         raise _mismatch_error(source, state_dict, target, categories)
+    raise_for_non_finite({key: state_dict[key] for key in target if key in state_dict}, source=source)
     # The model's own tensors fill in the head (when swapped) and absent counters; copying them onto
     # themselves is a no-op, and strict=True still guards the key set.
     to_load = {

@@ -47,6 +47,13 @@ from retrain.tasks.common import (
     prepare_splits,
     single_device_trainer,
 )
+from retrain.tasks.guards import (
+    check_monitors,
+    check_schedule_on_resume,
+    check_settings,
+    finished_and_published,
+    raise_if_trained_nothing,
+)
 from retrain.tuning import find_lr, lr_set_by_user
 from retrain.utils import console
 from retrain.utils.hydra import output_dir
@@ -195,10 +202,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     console.send_library_logs_to_run_log()
     if cfg.extras.print_config:
         console.print_config_tree(cfg)
+    check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = output_dir()  # in a sweep, run_task has pointed DDP's re-launched ranks at this job (sweep_job)
     resume_path = resolve_resume(cfg)
     resumed = read_artifact(resume_path, allow_pickle=cfg.model.allow_pickle) if resume_path else None
+    if done := finished_and_published(cfg, resumed, resume_path):
+        write_json(run_dir / "results.json", done)
+        return done
+    check_schedule_on_resume(cfg, resumed, resume_path)
     data = _data_phase(cfg, run_dir, resumed)
     model = _model_phase(cfg, data, resumed, resume_path)
     reservation = _version_for_this_run(cfg)
@@ -234,6 +246,7 @@ def _data_phase(cfg: DictConfig, run_dir: Path, resumed: Artifact | None) -> Dat
     """Scan and split the images (reusing a resumed run's split) and record the split in the run folder."""
     recorded = ((resumed.metadata or {}).get("dataset") if resumed else None) or None
     splits, bad_files = prepare_splits(cfg.data, recorded)
+    check_monitors(cfg, splits.class_names)  # the class count decides whether top-5 accuracy is logged
     datamodule = make_datamodule(splits, cfg.data, seed=cfg.seed)
     if cfg.trainer.get("deterministic") and datamodule.persistent_workers:
         # A persistent worker keeps one RNG stream across epochs, so after a resume it would augment differently;
@@ -363,6 +376,7 @@ def _fit_phase(run: Run, preemption: Preemption) -> None:
     except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt
         last = preemption_checkpoint(run.model.callbacks) or _resume_point(run.checkpoints, run.resume_path)
         preemption.stop("fit", last)
+    raise_if_trained_nothing(run.trainer, len(run.data.splits.samples["train"]), run.data.datamodule.batch_size)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # test and publish run in rank 0 alone
 

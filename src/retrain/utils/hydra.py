@@ -145,7 +145,7 @@ def run_task(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     # Here, not at the top: importing Lightning takes seconds, and the entry scripts import this module first.
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from retrain.callbacks.preemption import PREEMPTED_EXIT_CODE
+    from retrain.callbacks.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     fail_fast = bool(OmegaConf.select(cfg, "sweep.fail_fast", default=False))
@@ -156,6 +156,9 @@ def run_task(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     except SIGTERMException:  # Lightning stopped on SIGTERM where no task handles it (eval, predict, lr_find...)
         log.warning("Stopped on SIGTERM before %s finished; its results were not written.", task.__name__)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None  # a SystemExit without a code would exit 0: "finished"
+    except KeyboardInterrupt:  # Ctrl-C where no task handles it (before train's fit, in predict): no traceback
+        log.warning("Stopped on Ctrl-C before %s finished; its results were not written.", task.__name__)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     except Exception as error:
         if HydraConfig.initialized():
             write_failure(error)
