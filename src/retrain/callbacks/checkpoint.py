@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -30,6 +31,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with reporting_disk_full(path.parent, tensor_bytes(checkpoint), f"the checkpoint {path.name}", intact, then):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(checkpoint, path)
+
+
+def saved_epoch(path: str | Path) -> int | None:
+    """The epoch a Lightning checkpoint was saved in (as its file name says), read without loading its tensors."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except (OSError, KeyError, RuntimeError):  # not there, or not a Lightning checkpoint
+        return None
 
 
 class VersionedCheckpoint(ModelCheckpoint):

@@ -21,16 +21,11 @@ from retrain.analysis.report_files import (
     write_report,
 )
 from retrain.analysis.tracking import log_report
-from retrain.model.module import ClassifierModule
+from retrain.callbacks.checkpoint import saved_epoch
+from retrain.model.module import ClassifierModule, best_epoch_row, epoch_row
 from retrain.model.resnet import STAGES, stage_of
 
 log = logging.getLogger("retrain")
-
-
-def _epoch_value(metrics: dict[str, Any], key: str) -> float | None:
-    # A metric logged on step and epoch appears as `key_epoch`; the plain key may hold the last step.
-    value = metrics.get(f"{key}_epoch", metrics.get(key))
-    return float(value) if value is not None and value.numel() == 1 else None
 
 
 def trainable_stages(net: torch.nn.Module) -> list[str]:
@@ -104,15 +99,8 @@ class RunReport(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record this epoch's metrics and whether stages were unfrozen during it."""
-        metrics = trainer.callback_metrics
-        row: dict[str, Any] = {"epoch": trainer.current_epoch}
-        keys = {k.removesuffix("_epoch").removesuffix("_step") for k in metrics}
-        for key in sorted(keys):
-            if key.startswith("train/") or (key.startswith("val/") and self._validated):
-                value = _epoch_value(metrics, key)
-                if value is not None:
-                    row[key] = value
-        self.history.append(row)
+        # The same row as the module's history (results.json), so the report and the results agree.
+        self.history.append(epoch_row(trainer.current_epoch, trainer.callback_metrics, validated=self._validated))
         self._keep_if_best(trainer.checkpoint_callback)
         self._validated = False
         now = trainable_stages(pl_module.get_submodule("model"))
@@ -208,11 +196,11 @@ class RunReport(L.Callback):
         return Predictions(probs.numpy(), labels.numpy(), [path for path, _ in samples])
 
     def _best_epoch(self, checkpoint: Any) -> int | None:
-        if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.best_model_score is None:
+        if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.best_model_path:
             return None
-        best = float(checkpoint.best_model_score)
-        matches = [row["epoch"] for row in self.history if row.get(checkpoint.monitor or "") == best]
-        return matches[0] if matches else None
+        epoch = saved_epoch(checkpoint.best_model_path)
+        row = best_epoch_row(self.history, checkpoint.monitor or "", checkpoint.mode, epoch)
+        return int(row["epoch"]) if row else None
 
     def state_dict(self) -> dict[str, Any]:
         """History and milestones, so a resumed run's curves start at epoch 0."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import lightning as L
@@ -56,6 +56,33 @@ def logged_metric_names(num_classes: int) -> list[str]:
     return [f"{stage}/{name}" for stage in ("train", "val") for name in names]
 
 
+def epoch_row(epoch: int, callback_metrics: Mapping[str, Any], *, validated: bool) -> dict[str, float]:
+    """One epoch of history: train metrics as aggregated over the epoch, val metrics only if val ran in it.
+
+    A metric logged on step and epoch appears as `key_step` and `key_epoch`; its plain key may hold the last
+    step's value, so the `_epoch` value wins and the row uses the plain name.
+    """
+    row: dict[str, float] = {"epoch": epoch}
+    for key in sorted({k.removesuffix("_epoch").removesuffix("_step") for k in callback_metrics}):
+        if key.startswith("train/") or (validated and key.startswith("val/")):
+            value = callback_metrics.get(f"{key}_epoch", callback_metrics.get(key))
+            if value is not None and value.numel() == 1:
+                row[key] = float(value)
+    return row
+
+
+def best_epoch_row(
+    history: list[dict[str, float]], monitor: str, mode: str, epoch: int | None
+) -> dict[str, float] | None:
+    """The history row of the best epoch: the best checkpoint's `epoch` when known (the weights tested and
+    published), else the first best `monitor` value; None when no row has `monitor`."""
+    rows = [row for row in history if monitor in row]
+    chosen = [row for row in rows if row["epoch"] == epoch]
+    if chosen or not rows:
+        return chosen[0] if chosen else None
+    return (max if mode == "max" else min)(rows, key=lambda row: row[monitor])
+
+
 class ClassifierModule(L.LightningModule):
     """Trains `model` (a torchvision ResNet) with cross-entropy; freezing and BN policy are applied by surgery."""
 
@@ -94,7 +121,8 @@ class ClassifierModule(L.LightningModule):
         self.channels_last_setting = channels_last
         self.channels_last = channels_last is True  # "auto" is decided in setup(), once the device is known
         self.metadata: dict[str, Any] = metadata or {}
-        self.history: list[dict[str, float]] = []  # per-epoch val metrics, kept across resume
+        self.history: list[dict[str, float]] = []  # one row per epoch (`epoch_row`), kept across resume
+        self._validated = False  # whether val ran in the current epoch
         self._resume_epoch: int | None = None  # the epoch a checkpoint being restored continues with
         self._seeded_epoch: int | None = None
         # Smoothing regularises training only; val/test loss stay plain cross-entropy, comparable across runs.
@@ -208,12 +236,16 @@ class ClassifierModule(L.LightningModule):
         return self(images).softmax(dim=1)
 
     def on_validation_epoch_end(self) -> None:
-        """Remember this epoch's validation metrics for results.json and the report."""
-        if self.trainer.sanity_checking:
-            return
-        row: dict[str, float] = {"epoch": self.current_epoch}
-        row.update({k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
-        self.history.append(row)
+        """Note that this epoch has fresh val metrics (the sanity check's do not count)."""
+        self._validated = not self.trainer.sanity_checking
+
+    def on_train_epoch_end(self) -> None:
+        """Remember this epoch's metrics for results.json, once its train aggregates and val metrics are final.
+
+        Runs after validation and before the checkpoint callbacks save, so every checkpoint carries this row.
+        """
+        self.history.append(epoch_row(self.current_epoch, self.trainer.callback_metrics, validated=self._validated))
+        self._validated = False
 
     def configure_optimizers(self) -> Any:
         """One parameter group per stage, fixed now, so resume and unfreezing never change the layout."""

@@ -22,7 +22,7 @@ from retrain.artifacts.formats import Artifact, read_artifact
 from retrain.artifacts.metadata import new_metadata
 from retrain.artifacts.publish import keep_for_sweep, publish_version
 from retrain.artifacts.sources import load_source, parent_record
-from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
+from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint, saved_epoch
 from retrain.callbacks.preemption import Preemption, preemption_checkpoint
 from retrain.callbacks.run_report import finish_report
 from retrain.callbacks.unfreeze import ProgressiveUnfreeze
@@ -34,7 +34,7 @@ from retrain.export.qat import finish_qat, start_qat
 from retrain.inference.deploy_info import deploy_info
 from retrain.model.bn_adapt import adaptation_for, bn_stats_record
 from retrain.model.feature_cache import FeatureCache, feature_cache_for
-from retrain.model.module import ClassifierModule
+from retrain.model.module import ClassifierModule, best_epoch_row
 from retrain.model.pruning import make_permanent, prune_from_config
 from retrain.model.resnet import build_resnet
 from retrain.model.surgery import apply_freeze, load_weights, parse_freeze
@@ -397,14 +397,24 @@ def _test_phase(run: Run, preemption: Preemption) -> dict[str, float]:
     if not run.cfg.test:
         return {}
     last = _resume_point(run.checkpoints, run.resume_path)
-    tester = single_device_trainer(run.cfg.trainer, run.loggers)
+    tester = single_device_trainer(run.cfg.trainer)  # its own loggers would put the test at epoch 0, step 0
     preemption.stop_if_received("test", last)
     out: list[Any] = []
     try:
         out = tester.test(run.module, datamodule=run.fit_data, verbose=False)
     except SIGTERMException:  # the test loop stops between batches, as fit's do
         preemption.stop("test", last)
-    return {k: float(v) for k, v in out[0].items()} if out else {}
+    metrics = {k: float(v) for k, v in out[0].items()} if out else {}
+    _log_at_end_of_fit(run.loggers, run.trainer, metrics)
+    return metrics
+
+
+def _log_at_end_of_fit(loggers: list[Logger], trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Log post-fit metrics at the run's last epoch and step: where fit logged that epoch's metrics."""
+    epoch, step = max(trainer.current_epoch - 1, 0), max(trainer.global_step - 1, 0)
+    for logger in loggers if metrics else []:
+        logger.log_metrics({**metrics, "epoch": epoch}, step=step)
+        logger.finalize("success")  # fit finalized them already; this writes the new rows out
 
 
 def _publish_phase(run: Run, preemption: Preemption, best: VersionedCheckpoint | None, results: dict[str, Any]) -> None:
@@ -441,11 +451,10 @@ def _results(
 ) -> dict[str, Any]:
     history = module.history
     monitor = str(cfg.monitor)
-    best_row = None
-    if history and monitor in history[-1]:
-        pick = max if cfg.monitor_mode == "max" else min
-        best_row = pick(history, key=lambda row: row.get(monitor, float("nan")))
-    final = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and not k.startswith("test/")}
+    # The epoch of the checkpoint that is tested and published, so the panel and its file name agree.
+    epoch = saved_epoch(best.best_model_path) if best else None
+    best_row = best_epoch_row(history, monitor, str(cfg.monitor_mode), epoch)
+    final = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}  # the last epoch's
     return {
         "status": "ok",
         "name": str(cfg.name),
