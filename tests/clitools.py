@@ -136,3 +136,23 @@ def quiet_trainer(**settings: Any) -> L.Trainer:
 
     quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
     return lightning.Trainer(accelerator="cpu", enable_model_summary=False, **{**quiet, **settings})
+
+
+def save_random_model(path: Path, seed: int = 0) -> Path:
+    """A random 3-class ResNet18 for 32 px images as .safetensors, with the metadata eval and predict read."""
+    import torch  # here, as above
+
+    from retrain.artifacts.formats import save_safetensors
+    from retrain.model.resnet import build_resnet
+
+    torch.manual_seed(seed)
+    preprocessing = {
+        "image_size": 32,
+        "resize": 37,
+        "crop": 32,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    meta = {"arch": "resnet18", "class_names": list(CLASSES), "preprocessing": preprocessing}
+    save_safetensors(build_resnet("resnet18", len(CLASSES)).state_dict(), meta, path)
+    return path

@@ -50,7 +50,7 @@ def folder_run(model_files, photos: Path, tmp_path_factory: pytest.TempPathFacto
     cwd = tmp_path_factory.mktemp("predict")
     result = run_cli("predict.py", f"ckpt_path={model_files['safetensors']}", f"input={photos}", cwd=cwd)
     assert_ok(result)
-    with open(cwd / "preds.csv") as f:
+    with open(result.runs("predict")[-1] / "preds.csv") as f:  # the run's own folder, by default
         result.first = {"rows": list(csv.DictReader(f))}
     return result
 
@@ -106,6 +106,6 @@ def test_it_fails_only_when_no_image_could_be_read(model_files, photos: Path, tm
     result = run_cli("predict.py", f"ckpt_path={model_files['onnx']}", f"input={photos}/more/broken.jpg", cwd=tmp_path)
     assert result.returncode == 1
     assert "None of the 1 images" in result.stderr and "Traceback" not in result.stderr
-    with open(tmp_path / "preds.csv") as f:
+    with open(result.runs("predict")[-1] / "preds.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["error"]

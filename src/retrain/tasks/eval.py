@@ -8,10 +8,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from retrain.data.splits import DataSplits
 from retrain.errors import DataError
 from retrain.model.loading import load_trained, trained_splits
 from retrain.model.module import ClassifierModule
 from retrain.tasks.common import make_datamodule, make_loggers, single_device_trainer, split_options
+from retrain.tasks.guards import check_batch_sizes
+from retrain.utils import console
 from retrain.utils.hydra import output_dir
 from retrain.utils.io import write_json
 
@@ -20,6 +23,9 @@ log = logging.getLogger("retrain")
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test an artifact on data.root's test split (val when there is none) and write results.json."""
+    console.filter_known_warnings()
+    console.send_library_logs_to_run_log()  # one copy of each Lightning line, in the terminal and eval.log
+    check_batch_sizes(cfg.data)
     source = str(cfg.ckpt_path)
     net, meta = load_trained(source, model_dir=Path(cfg.paths.model_dir), allow_pickle=cfg.allow_pickle)
     splits = trained_splits(meta, cfg.data.root, source=source, **split_options(cfg.data))
@@ -41,6 +47,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "class_names": meta.class_names,
         "monitor_value": float(out[0]["test/acc"]),
     }
-    write_json(output_dir() / "results.json", results)
-    log.info("%s on %s/%s: %s", source, splits.root, split, results["test"])
+    path = output_dir() / "results.json"
+    write_json(path, results)
+    scores = ", ".join(f"{key} {float(value):.4f}" for key, value in sorted(out[0].items()))
+    log.info("%s on %s (%d images): %s", source, _described(splits, split), len(splits.samples[split]), scores)
+    log.info("results: %s", path)
     return results
+
+
+def _described(splits: DataSplits, split: str) -> str:
+    """Where the scored images are: a split's folder, or the part of the class folders a flat layout set aside."""
+    if splits.layout == "split":
+        return str(splits.root / split)
+    fraction = splits.test_fraction if split == "test" else splits.val_fraction
+    return (
+        f"the {split} split of {splits.root} ({fraction:.0%} of each class folder, drawn with "
+        f"data.split_seed={splits.split_seed})"
+    )

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from retrain.errors import ConfigError, DataError
+from retrain.errors import ArtifactError, ConfigError, DataError
 from retrain.inference.deploy_info import deploy_info
 from retrain.inference.inputs import PredictImages, find_images
 from retrain.inference.predictions import output_format, top_k, write_predictions
@@ -24,6 +24,8 @@ from retrain.utils.hydra import output_dir
 from retrain.utils.io import write_json
 
 log = logging.getLogger("retrain")
+# The error of a row whose scores are not finite: a model with broken weights (or export) has no answer to give.
+NON_FINITE = "the model's scores are NaN or inf: no answer"
 
 
 def load_predictor(source: str, *, model_dir: Path, allow_pickle: bool) -> Runtime:
@@ -34,12 +36,25 @@ def load_predictor(source: str, *, model_dir: Path, allow_pickle: bool) -> Runti
     return eager_runtime(net, deploy_info(meta.to_dict(), source))
 
 
+def _output_path(cfg: DictConfig) -> Path:
+    """Where the predictions go: `output=` as given, else preds.csv (preds.json) in this run's own folder."""
+    if cfg.output is None:  # never over an earlier run's file in the current folder
+        return output_dir() / ("preds.json" if str(cfg.predict.format).lower() == "json" else "preds.csv")
+    output = Path(str(cfg.output)).expanduser().resolve()
+    if output.is_dir():
+        raise ConfigError(
+            f"output={cfg.output} is a folder ({output}); expected the file to write the predictions to. "
+            f"Fix: output={output / 'preds.csv'}, or leave output unset for preds.csv in the run folder."
+        )
+    return output
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Write one row per image (path, top-k labels and probabilities, error); fail only if none could be read."""
     k = int(cfg.predict.top_k)
     if k < 1:
         raise ConfigError(f"predict.top_k={k}; expected 1 or more labels per image. Fix: e.g. predict.top_k=5.")
-    output = Path(str(cfg.output)).expanduser().resolve()
+    output = _output_path(cfg)
     fmt = output_format(output, cfg.predict.format)
     paths = find_images(str(cfg.input))
     runtime = load_predictor(str(cfg.ckpt_path), model_dir=Path(cfg.paths.model_dir), allow_pickle=cfg.allow_pickle)
@@ -56,13 +71,18 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     for images, errors in batches:
         ok = [i for i, error in enumerate(errors) if not error]
         logits = runtime.predict(images[ok]) if ok else torch.empty(0, len(class_names))
-        ranked = iter(top_k(logits, class_names, k))
+        finite = torch.isfinite(logits).all(dim=1)
+        ranked, scored = iter(top_k(logits[finite], class_names, k)), iter(finite.tolist())
         for error in errors:
-            rows.append({"path": str(paths[len(rows)]), "top_k": [] if error else next(ranked), "error": error or None})
+            error = error or (None if next(scored) else NON_FINITE)
+            rows.append({"path": str(paths[len(rows)]), "top_k": [] if error else next(ranked), "error": error})
+    if output.exists():
+        log.warning("replacing %s (output= names an existing file)", output)
     write_predictions(rows, output, fmt, k)
     failed = [row for row in rows if row["error"]]
+    broken = [row for row in failed if row["error"] == NON_FINITE]
     results = {
-        "status": "ok" if len(failed) < len(rows) else "failed",
+        "status": "ok" if len(failed) < len(rows) and not broken else "failed",
         "source": str(cfg.ckpt_path),
         "runtime": runtime.kind,
         "input": str(cfg.input),
@@ -72,9 +92,18 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "errors": len(failed),
     }
     write_json(output_dir() / "results.json", results)
+    if len(rows) == 1 and not failed:  # one image: the answer itself, not only a file holding it
+        print(f"{rows[0]['path']}: " + "  ".join(f"{label} {prob:.3f}" for label, prob in rows[0]["top_k"]))
     log.info("%d of %d images predicted (%s runtime) -> %s", results["predicted"], len(rows), runtime.kind, output)
-    for row in failed[:10]:
+    for row in [row for row in failed if row["error"] != NON_FINITE][:10]:
         log.warning("could not read %s: %s", row["path"], row["error"])
+    if broken:
+        raise ArtifactError(
+            f"{cfg.ckpt_path} ({runtime.kind} runtime) gave NaN or inf scores for {len(broken)} of {len(rows)} "
+            f"images (first: {broken[0]['path']}), so they have no label: their rows in {output} say so. Expected "
+            "finite scores. Fix: predict with an earlier checkpoint or registry version of this model, or retrain "
+            "it (training now stops at the first loss that is not finite)."
+        )
     if len(failed) == len(rows):
         raise DataError(
             f"None of the {len(rows)} images from input={cfg.input} could be read (first: {failed[0]['path']}: "
