@@ -49,7 +49,7 @@ def interleaved_cpu_seconds(loads: list[Callable[[int], object]], count: int, ro
 
 def pixel_gap(reference: datasets.ImageFolder, ours: torch.utils.data.Dataset) -> str:
     """Mean and max |ours - reference| over every eval output, in [0, 1] pixel units."""
-    std = torch.tensor(preprocessing()["std"]).view(3, 1, 1)
+    std = torch.tensor(preprocessing().std).view(3, 1, 1)
     gaps = [((ours[i][0] - reference[i][0]).abs() * std) for i in range(len(reference))]
     mean = sum(float(g.mean()) for g in gaps) / len(gaps)
     return f"pixels vs reference: mean {mean:.4f}, max {max(float(g.max()) for g in gaps):.3f}"

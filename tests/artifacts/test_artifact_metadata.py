@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrain.artifacts.metadata import ArtifactMetadata, git_commit, new_metadata, software_versions
+from retrain.artifacts.metadata import ArtifactMetadata, Preprocessing, git_commit, new_metadata, software_versions
 from retrain.errors import ArtifactError
 from retrain.utils.io import atomic_write, read_json, sha256_file, write_json
 
@@ -68,7 +68,7 @@ def test_new_metadata_fills_the_schema(tmp_path):
         version=3,
         arch="resnet18",
         class_names=["cat", "dog"],
-        preprocessing={"image_size": 32, "mean": (0.5, 0.5, 0.5)},  # a tuple comes back as a JSON list
+        preprocessing=Preprocessing(32, 37, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),  # tuples become JSON lists
         augment="light",
         config={"model": {"freeze": ["stem", "layer1"]}},
         dataset={"root": "/data", "layout": "split_dirs"},

@@ -20,7 +20,7 @@ from retrain.data.images import RANDOM_CROP_DRAFT_MARGIN
 from retrain.data.splits import DataSplits
 from retrain.data.transforms import MIN_CROP_SCALE, eval_transforms, preprocessing
 
-STD = torch.tensor(preprocessing()["std"]).view(3, 1, 1)
+STD = torch.tensor(preprocessing().std).view(3, 1, 1)
 
 
 def one_image_split(tmp_path: Path, name: str, img: Image.Image) -> DataSplits:

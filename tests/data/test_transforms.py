@@ -13,7 +13,7 @@ from retrain.errors import ConfigError
 
 def test_default_eval_preset_is_the_torchvision_docs_pipeline() -> None:
     pre = preprocessing(224)
-    assert (pre["resize"], pre["crop"]) == (256, 224)
+    assert (pre.resize, pre.crop) == (256, 224)
     steps = eval_transforms(pre).transforms
     assert [type(t) for t in steps] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
     assert steps[0].size == 256 and steps[1].size == (224, 224)
@@ -23,7 +23,7 @@ def test_default_eval_preset_is_the_torchvision_docs_pipeline() -> None:
 @pytest.mark.parametrize(("size", "resize"), [(32, 37), (64, 73), (160, 183), (299, 342)])
 def test_image_size_scales_resize_and_crop(size: int, resize: int) -> None:
     pre = preprocessing(size)
-    assert (pre["resize"], pre["crop"]) == (resize, size)
+    assert (pre.resize, pre.crop) == (resize, size)
     out = eval_transforms(pre)(Image.new("RGB", (400, 300)))
     assert out.shape == (3, size, size)
 

@@ -12,6 +12,7 @@ import torch
 from clitools import CLASSES, assert_ok, run_cli
 
 from retrain.artifacts.formats import save_safetensors
+from retrain.artifacts.metadata import ArtifactMetadata
 from retrain.data.transforms import preprocessing
 from retrain.export.onnx import export_onnx
 from retrain.inference.deploy_info import deploy_info, to_props
@@ -26,8 +27,8 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
     net = build_resnet("resnet18", len(CLASSES)).eval()
-    meta = {"arch": "resnet18", "class_names": list(CLASSES), "preprocessing": preprocessing(32)}
-    save_safetensors(net.state_dict(), meta, folder / "model.safetensors")
+    meta = ArtifactMetadata(arch="resnet18", class_names=list(CLASSES), preprocessing=preprocessing(32))
+    save_safetensors(net.state_dict(), meta.to_dict(), folder / "model.safetensors")
     export_onnx(net, torch.randn(2, 3, 32, 32), folder / "model.onnx", to_props(deploy_info(meta, "test")), opset=23)
     return {"safetensors": folder / "model.safetensors", "onnx": folder / "model.onnx"}
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from retrain.artifacts.metadata import Preprocessing
 from retrain.errors import ConfigError, DataError
 from retrain.inference.inputs import PredictImages, find_images
 from retrain.inference.predictions import output_format, top_k, write_predictions
 
-PRE = {"image_size": 32, "resize": 37, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
+PRE = Preprocessing(image_size=32, resize=37, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 def _image(path: Path) -> Path:

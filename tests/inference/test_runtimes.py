@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+from retrain.artifacts.metadata import ArtifactMetadata
 from retrain.errors import ArtifactError
 from retrain.export.benchmark import Targets, assemble, table
 from retrain.export.onnx import INPUT, OUTPUT, export_onnx
@@ -26,7 +27,7 @@ META = {
     "name": "pets",
     "version": 2,
 }
-INFO = deploy_info(META, "pets@v002")
+INFO = deploy_info(ArtifactMetadata.from_dict(META), "pets@v002")
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def publish_model(
         "arch": "resnet18",
         "num_classes": len(classes),
         "class_names": list(classes),
-        "preprocessing": preprocessing(image_size),
+        "preprocessing": preprocessing(image_size).to_dict(),
         "metrics": {},
         "parent": None,
     }

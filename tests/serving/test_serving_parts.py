@@ -58,7 +58,7 @@ def test_auto_measures_every_full_precision_backend_and_says_which_won(tmp_path:
     models = tmp_path / "models"
     folder = make_version(models, seed=0, classes=CLASSES)
     net, meta = load_trained(str(folder), model_dir=models)
-    props = to_props(deploy_info(meta.to_dict(), "cats@v001"))
+    props = to_props(deploy_info(meta, "cats@v001"))
     export_onnx(net, torch.randn(2, 3, 32, 32), folder / "exports" / FILE_NAMES["onnx"], props, opset=23)
     settings = ServeSettings.from_config({"max_batch_size": 4})
     model = load_served_model("cats@latest", settings, model_dir=models, allow_pickle=False)

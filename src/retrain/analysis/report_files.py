@@ -20,6 +20,7 @@ from retrain.analysis.per_class import (
     write_per_class_csv,
 )
 from retrain.analysis.plots import plot_confusion, plot_curves, plot_top_losses
+from retrain.artifacts.metadata import Preprocessing
 from retrain.data.datamodule import ImageListDataset
 from retrain.data.transforms import eval_transforms
 from retrain.utils.io import write_json
@@ -60,7 +61,7 @@ class ReportInputs:
 def predict_samples(
     net: nn.Module,
     samples: list[tuple[str, int]],
-    preprocessing: dict[str, Any],
+    preprocessing: Preprocessing,
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 64,

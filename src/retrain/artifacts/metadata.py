@@ -201,7 +201,7 @@ def new_metadata(
     version: int,
     arch: str,
     class_names: list[str],
-    preprocessing: dict[str, Any],
+    preprocessing: Preprocessing,
     augment: str,
     config: dict[str, Any],
     dataset: dict[str, Any],
@@ -209,30 +209,24 @@ def new_metadata(
     freeze: list[str],
     train_bn: bool,
 ) -> dict[str, Any]:
-    """Build the metadata dict every artifact carries, so it can be reloaded without the config that made it.
+    """Build the metadata every artifact carries, so it can be reloaded without the config that made it.
 
-    The result is JSON-plain (tuples become lists), so it also loads under ``torch.load(weights_only=True)``.
+    Returned as the JSON-plain dict a checkpoint holds (it loads under ``torch.load(weights_only=True)``);
+    ``ArtifactMetadata.from_dict`` reads it back.
     """
-    metadata = {
-        "schema": SCHEMA,
-        "name": name,
-        "version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "arch": arch,
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "preprocessing": preprocessing,
-        "augment": augment,
-        "config": config,
-        "dataset": dataset,
-        "metrics": {},
-        "epoch": None,
-        "global_step": None,
-        "software": software_versions(),
-        "git_commit": git_commit(),
-        "parent": parent,
-        "freeze": list(freeze),
-        "train_bn": train_bn,
-    }
-    plain: dict[str, Any] = json.loads(json.dumps(metadata))
-    return plain
+    return ArtifactMetadata(
+        name=name,
+        version=version,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        arch=arch,
+        class_names=list(class_names),
+        preprocessing=preprocessing,
+        augment=augment,
+        config=config,
+        dataset=dataset,
+        software=software_versions(),
+        git_commit=git_commit(),
+        parent=parent,
+        freeze=list(freeze),
+        train_bn=train_bn,
+    ).to_dict()

@@ -93,7 +93,7 @@ def rebuild(
     dataset = meta.dataset
     if run_dir is None and dataset.get("split_file") and Path(dataset["split_file"]).is_file():
         run_dir = Path(dataset["split_file"]).parent
-    predictions = predict_samples(net, splits.samples[split], meta.preprocessing.to_dict(), device=device)
+    predictions = predict_samples(net, splits.samples[split], meta.preprocessing, device=device)
     folders = [f for f in (run_dir, _artifact_folder(source, model_dir)) if f is not None]
     from_run = bool(results)
     results = results or next((read_json(f / "results.json") for f in folders if (f / "results.json").is_file()), {})

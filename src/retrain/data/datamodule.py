@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from retrain.artifacts.metadata import Preprocessing
 from retrain.data.balance import BalancedSampler, check_sampler
 from retrain.data.decode_cache import DecodedImageCache
 from retrain.data.images import DRAFT_MARGIN, RANDOM_CROP_DRAFT_MARGIN, open_rgb
@@ -56,7 +57,7 @@ def default_num_workers(processes: int = 1) -> int:
     return max(0, min(8, usable_cores() // max(1, processes) - 1))
 
 
-def decode_request(pre: dict[str, Any], augment: str, split: str) -> tuple[int, float]:
+def decode_request(pre: Preprocessing, augment: str, split: str) -> tuple[int, float]:
     """The shorter side a split's transforms need from a decoded image, and the margin kept above it (see open_rgb).
 
     Eval: the resize target, with DRAFT_MARGIN so the antialiased resize still reduces the image. Train:
@@ -65,8 +66,8 @@ def decode_request(pre: dict[str, Any], augment: str, split: str) -> tuple[int, 
     shorter side. Random crops resample anyway, hence RANDOM_CROP_DRAFT_MARGIN.
     """
     if split != "train" or augment == "none":
-        return int(pre["resize"]), DRAFT_MARGIN
-    return math.ceil(pre["crop"] / math.sqrt(MIN_CROP_SCALE[augment] * 3 / 4)), RANDOM_CROP_DRAFT_MARGIN
+        return pre.resize, DRAFT_MARGIN
+    return math.ceil(pre.crop / math.sqrt(MIN_CROP_SCALE[augment] * 3 / 4)), RANDOM_CROP_DRAFT_MARGIN
 
 
 class ImageFolderDataModule(L.LightningDataModule):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torchvision import transforms as T
 
+from retrain.artifacts.metadata import Preprocessing
 from retrain.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -15,33 +14,27 @@ AUGMENT_PRESETS = ("none", "light", "strong")
 MIN_CROP_SCALE = {"none": 1.0, "light": 0.6, "strong": 0.08}
 
 
-def preprocessing(image_size: int = 224) -> dict[str, Any]:
+def preprocessing(image_size: int = 224) -> Preprocessing:
     """The eval preprocessing facts for `image_size`, stored in every artifact so any tool can rebuild it."""
     if image_size < 8:
         raise ConfigError(f"data.image_size={image_size} is too small; expected at least 8 (224 is standard).")
-    return {
-        "image_size": image_size,
-        "resize": round(image_size * 256 / 224),
-        "crop": image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "interpolation": "bilinear",
-    }
+    resize = round(image_size * 256 / 224)
+    return Preprocessing(image_size, resize, image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
-def eval_transforms(pre: dict[str, Any]) -> T.Compose:
+def eval_transforms(pre: Preprocessing) -> T.Compose:
     """Resize, CenterCrop, ToTensor, Normalize, as the torchvision docs prescribe for ResNets."""
     return T.Compose(
         [
-            T.Resize(pre["resize"], interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-            T.CenterCrop(pre["crop"]),
+            T.Resize(pre.resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.CenterCrop(pre.crop),
             T.ToTensor(),
-            T.Normalize(pre["mean"], pre["std"]),
+            T.Normalize(pre.mean, pre.std),
         ]
     )
 
 
-def train_transforms(pre: dict[str, Any], augment: str) -> T.Compose:
+def train_transforms(pre: Preprocessing, augment: str) -> T.Compose:
     """The train pipeline for an augmentation preset; `none` is exactly the eval pipeline (deterministic)."""
     if augment not in AUGMENT_PRESETS:
         raise ConfigError(
@@ -50,8 +43,8 @@ def train_transforms(pre: dict[str, Any], augment: str) -> T.Compose:
         )
     if augment == "none":
         return eval_transforms(pre)
-    size = pre["crop"]
-    normalize = [T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
+    size = pre.crop
+    normalize = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
     if augment == "light":
         return T.Compose(
             [

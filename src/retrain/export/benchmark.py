@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from retrain.inference.deploy_info import DeployInfo
 from retrain.inference.runtimes import Runtime, eager_runtime, load_runtime
 
 REFERENCE = "eager"
@@ -143,7 +144,7 @@ def assemble(rows: dict[str, dict[str, Any]], targets: Targets) -> dict[str, Any
 
 def build_report(
     model: torch.nn.Module,
-    info: dict[str, Any],
+    info: DeployInfo,
     files: dict[str, Path],
     val_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
@@ -155,7 +156,7 @@ def build_report(
     runtimes = {REFERENCE: eager_runtime(model, info)}
     runtimes.update({name: load_runtime(path) for name, path in files.items()})
     rows = score(runtimes, val_batches)
-    timings = time_runtimes(runtimes, int(info["preprocessing"]["crop"]), warmup=warmup, runs=runs)
+    timings = time_runtimes(runtimes, info.preprocessing.crop, warmup=warmup, runs=runs)
     for name in runtimes:
         path = files.get(name)
         rows[name] = {

@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from retrain.errors import ConfigError
 from retrain.export.benchmark import REPORT_FILE, Targets, build_report, table
 from retrain.export.quantize import convert_qat, prepare_qat, save_int8
-from retrain.inference.deploy_info import to_props, write_sidecar
+from retrain.inference.deploy_info import DeployInfo, to_props, write_sidecar
 from retrain.inference.runtimes import FILE_NAMES
 from retrain.model.resnet import build_resnet
 from retrain.utils.io import write_json
@@ -49,16 +49,16 @@ def start_qat(
 
 def finish_qat(
     prepared: torch.nn.Module,
-    info: dict[str, Any],
+    info: DeployInfo,
     out_dir: Path,
     val_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     settings: DictConfig,
 ) -> dict[str, Any]:
     """Convert the trained graph to int8, package it, and measure it against its own float weights."""
     assert isinstance(prepared, GraphModule), "finish_qat expects the network start_qat returned"
-    float_model = build_resnet(str(info["arch"]), len(info["class_names"]))
+    float_model = build_resnet(str(info.arch), len(info.class_names))
     float_model.load_state_dict(prepared.state_dict())  # the fine-tuned float weights, plain keys
-    size = int(info["preprocessing"]["crop"])
+    size = info.preprocessing.crop
     example = torch.randn(2, 3, size, size)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = save_int8(convert_qat(prepared), example, out_dir / FILE_NAMES["int8"], to_props(info))

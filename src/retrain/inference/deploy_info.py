@@ -8,9 +8,11 @@ TorchScript and torch.export extra files, AOTInductor package metadata, all stri
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retrain.artifacts.metadata import ArtifactMetadata, Preprocessing
 from retrain.errors import ArtifactError
 from retrain.utils.io import write_json
 
@@ -25,27 +27,43 @@ INPUT_LAYOUT = (
 _REQUIRED = ("class_names", "preprocessing")
 
 
-def deploy_info(meta: dict[str, Any], source: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DeployInfo:
+    """The facts an exported model needs at inference time: its classes and input pipeline, and where it came from."""
+
+    class_names: list[str]
+    preprocessing: Preprocessing
+    arch: str | None = None
+    name: str | None = None
+    version: int | None = None
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of preprocessing.json, with the fixed facts of every export (input, layout, output)."""
+        return {
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing.to_dict(),
+            "input": "images",
+            "input_layout": INPUT_LAYOUT,
+            "output": "logits",
+            "arch": self.arch,
+            "name": self.name,
+            "version": self.version,
+            "source": self.source,
+        }
+
+
+def deploy_info(meta: ArtifactMetadata, source: str) -> DeployInfo:
     """The facts an exported model needs at inference time, taken from its artifact's metadata."""
-    return {
-        "class_names": list(meta["class_names"]),
-        "preprocessing": dict(meta["preprocessing"]),
-        "input": "images",
-        "input_layout": INPUT_LAYOUT,
-        "output": "logits",
-        "arch": meta.get("arch"),
-        "name": meta.get("name"),
-        "version": meta.get("version"),
-        "source": source,
-    }
+    return DeployInfo(meta.class_names, meta.preprocessing, meta.arch, meta.name, meta.version, source)
 
 
-def to_props(info: dict[str, Any]) -> dict[str, str]:
+def to_props(info: DeployInfo) -> dict[str, str]:
     """Flatten to the string-to-string form of ONNX metadata_props and AOTInductor package metadata (JSON values)."""
-    return {key: json.dumps(info[key]) for key in INFO_KEYS if key in info}
+    return {key: json.dumps(value) for key, value in info.to_dict().items()}
 
 
-def from_props(props: dict[str, str], path: Path) -> dict[str, Any]:
+def from_props(props: dict[str, str], path: Path) -> DeployInfo:
     """Read back what `to_props` wrote; a file exported elsewhere is an ArtifactError that says what is missing."""
     missing = [key for key in _REQUIRED if key not in props]
     if missing:
@@ -55,16 +73,24 @@ def from_props(props: dict[str, str], path: Path) -> dict[str, Any]:
             "use the checkpoint it was made from."
         )
     try:
-        return {key: json.loads(props[key]) for key in INFO_KEYS if key in props}
+        values = {key: json.loads(props[key]) for key in INFO_KEYS if key in props}
     except json.JSONDecodeError as e:
         raise ArtifactError(
             f"{path} has damaged retrain metadata ({e.msg}). Expected the JSON values `python export.py` writes. "
             "Fix: export it again from its checkpoint."
         ) from None
+    return DeployInfo(
+        class_names=list(values["class_names"]),
+        preprocessing=Preprocessing.from_dict(values["preprocessing"], source=path),
+        arch=values.get("arch"),
+        name=values.get("name"),
+        version=values.get("version"),
+        source=values.get("source"),
+    )
 
 
-def write_sidecar(folder: Path, info: dict[str, Any]) -> Path:
+def write_sidecar(folder: Path, info: DeployInfo) -> Path:
     """Write preprocessing.json beside the exported files."""
     path = Path(folder) / SIDECAR
-    write_json(path, info)
+    write_json(path, info.to_dict())
     return path

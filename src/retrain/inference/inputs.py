@@ -5,11 +5,11 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from retrain.artifacts.metadata import Preprocessing
 from retrain.data.images import check_image, has_image_extension, open_rgb
 from retrain.data.transforms import eval_transforms
 from retrain.errors import DataError
@@ -48,11 +48,11 @@ def find_images(spec: str) -> list[Path]:
 class PredictImages(Dataset):
     """(image tensor, error) per path; an unreadable image gives a blank tensor and says what is wrong with it."""
 
-    def __init__(self, paths: list[Path], preprocessing: dict[str, Any], fast_decode: bool = True) -> None:
+    def __init__(self, paths: list[Path], preprocessing: Preprocessing, fast_decode: bool = True) -> None:
         self.paths = paths
         self.transform = eval_transforms(preprocessing)
-        self.size = int(preprocessing["crop"])
-        self.min_size = int(preprocessing["resize"]) if fast_decode else None
+        self.size = preprocessing.crop
+        self.min_size = preprocessing.resize if fast_decode else None
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -12,13 +12,12 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from retrain.errors import ArtifactError
-from retrain.inference.deploy_info import EXTRA_FILE, from_props
+from retrain.inference.deploy_info import EXTRA_FILE, DeployInfo, from_props
 
 # Formats that export.py writes, with their file names inside the exports folder.
 FILE_NAMES = {
@@ -35,7 +34,7 @@ class Runtime:
 
     kind: str  # eager | torchscript | export | onnx | int8
     predict: Callable[[torch.Tensor], torch.Tensor]
-    info: dict[str, Any]
+    info: DeployInfo
     path: Path | None = None
 
 
@@ -60,7 +59,7 @@ def detect_kind(path: Path) -> str | None:
     return None
 
 
-def eager_runtime(model: nn.Module, info: dict[str, Any]) -> Runtime:
+def eager_runtime(model: nn.Module, info: DeployInfo) -> Runtime:
     """The float model in plain PyTorch, the reference every export is compared with."""
     model.eval()
 
@@ -134,5 +133,5 @@ def _load_int8(path: Path) -> Runtime:
     )
 
 
-def _props_file(text: str | bytes, path: Path) -> dict[str, Any]:
+def _props_file(text: str | bytes, path: Path) -> DeployInfo:
     return from_props(json.loads(text) if text else {}, path)

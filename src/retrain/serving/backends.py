@@ -82,7 +82,7 @@ def load_backend(kind: str, path: Path, *, device: str, model_dir: Path, allow_p
         return load_runtime(path)
     source = str(path)
     net, meta = load_trained(source, model_dir=model_dir, allow_pickle=allow_pickle)
-    runtime = eager_runtime(net.to(device), deploy_info(meta.to_dict(), source))
+    runtime = eager_runtime(net.to(device), deploy_info(meta, source))
     if device == "cpu":
         return runtime
     on_cpu = runtime.predict
@@ -157,8 +157,8 @@ def _fastest(
             f"None of the backends {source} offers ({', '.join(candidates)}) could be loaded; the warnings above "
             "say why. Fix: export the model again, or point ckpt_path at its weights."
         )
-    pre = next(iter(runtimes.values())).info["preprocessing"]
-    images = torch.randn(batch_size, 3, int(pre["crop"]), int(pre["crop"]), generator=torch.Generator().manual_seed(0))
+    crop = next(iter(runtimes.values())).info.preprocessing.crop
+    images = torch.randn(batch_size, 3, crop, crop, generator=torch.Generator().manual_seed(0))
     timings: dict[str, float] = {}
     reference: torch.Tensor | None = None
     for kind, runtime in runtimes.items():

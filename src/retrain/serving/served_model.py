@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from retrain.artifacts.metadata import Preprocessing
 from retrain.artifacts.registry import version_dirname
 from retrain.data.images import CORRUPT, check_image, open_rgb
 from retrain.data.transforms import eval_transforms
@@ -45,12 +46,12 @@ class ServedModel:
     @property
     def class_names(self) -> list[str]:
         """The labels, in the order of the model's outputs."""
-        return list(self.runtime.info["class_names"])
+        return list(self.runtime.info.class_names)
 
     @property
-    def preprocessing(self) -> dict[str, Any]:
+    def preprocessing(self) -> Preprocessing:
         """Resize, crop, mean and std, as recorded in the artifact."""
-        return dict(self.runtime.info["preprocessing"])
+        return self.runtime.info.preprocessing
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """The normalized (3, crop, crop) tensor of an uploaded image; a RequestError says what is wrong with it."""
@@ -59,7 +60,7 @@ class ServedModel:
         if problem is None:
             try:
                 # min_size as predict.py's default fast_decode: big JPEGs are decoded at a reduced scale.
-                return self.transform(open_rgb(data, int(self.preprocessing["resize"])))
+                return self.transform(open_rgb(data, self.preprocessing.resize))
             except Exception as e:  # a decode failure the quick check missed; the full check names it
                 problem = check_image(data, full=True) or (CORRUPT, f"{type(e).__name__}: {e}")
         raise image_error(*problem)
@@ -70,7 +71,7 @@ class ServedModel:
 
     def warm_up(self, batch_size: int) -> None:
         """Run a synthetic JPEG through decode, preprocessing and the model, alone and in a full batch."""
-        size = int(self.preprocessing["resize"])
+        size = self.preprocessing.resize
         buffer = io.BytesIO()
         Image.new("RGB", (size, size), (128, 100, 80)).save(buffer, "JPEG")
         image = self.preprocess(buffer.getvalue())
@@ -82,11 +83,11 @@ class ServedModel:
         info = self.runtime.info
         return {
             "model": self.label,
-            "name": info.get("name"),
-            "version": info.get("version"),
+            "name": info.name,
+            "version": info.version,
             "source": self.source,
             "class_names": self.class_names,
-            "preprocessing": self.preprocessing,
+            "preprocessing": self.preprocessing.to_dict(),
             "backend": {
                 "kind": self.backend.kind,
                 "device": self.backend.device,
@@ -116,7 +117,7 @@ def load_served_model(source: str, settings: ServeSettings, *, model_dir: Path, 
         model_dir=model_dir,
         allow_pickle=allow_pickle,
     )
-    name, version = runtime.info.get("name"), runtime.info.get("version")
+    name, version = runtime.info.name, runtime.info.version
     label = f"{name}@{version_dirname(int(version))}" if name and version is not None else source
     model = ServedModel(label, source, folder, runtime, choice, settings.top_k)
     model.warm_up(settings.max_batch_size)

@@ -45,7 +45,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     source = str(cfg.ckpt_path)
     model_dir = Path(cfg.paths.model_dir)
     model, meta = load_trained(source, model_dir=model_dir, allow_pickle=cfg.allow_pickle)
-    info = deploy_info(meta.to_dict(), source)
+    info = deploy_info(meta, source)
     props = to_props(info)
     pre = meta.preprocessing
     splits = trained_splits(meta, cfg.data.root, source=source, **split_options(cfg.data))
@@ -133,7 +133,7 @@ def _subset(splits: DataSplits, split: str, limit: int | None, seed: int) -> lis
 def _loader(cfg: DictConfig, samples: list[Sample], pre: Preprocessing) -> DataLoader:
     workers = default_num_workers() if cfg.data.num_workers is None else int(cfg.data.num_workers)
     min_size = pre.resize if cfg.data.fast_decode else None
-    dataset = ImageListDataset(samples, eval_transforms(pre.to_dict()), min_size)
+    dataset = ImageListDataset(samples, eval_transforms(pre), min_size)
     return DataLoader(dataset, batch_size=int(cfg.export.batch_size), num_workers=workers)
 
 

@@ -33,7 +33,7 @@ def load_predictor(source: str, *, model_dir: Path, allow_pickle: bool) -> Runti
     if detect_kind(Path(source).expanduser()) is not None:
         return load_runtime(Path(source).expanduser())
     net, meta = load_trained(source, model_dir=model_dir, allow_pickle=allow_pickle)
-    return eager_runtime(net, deploy_info(meta.to_dict(), source))
+    return eager_runtime(net, deploy_info(meta, source))
 
 
 def _output_path(cfg: DictConfig) -> Path:
@@ -58,9 +58,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     fmt = output_format(output, cfg.predict.format)
     paths = find_images(str(cfg.input))
     runtime = load_predictor(str(cfg.ckpt_path), model_dir=Path(cfg.paths.model_dir), allow_pickle=cfg.allow_pickle)
-    class_names = runtime.info["class_names"]
+    class_names = runtime.info.class_names
     k = min(k, len(class_names))
-    dataset = PredictImages(paths, runtime.info["preprocessing"], fast_decode=cfg.predict.fast_decode)
+    dataset = PredictImages(paths, runtime.info.preprocessing, fast_decode=cfg.predict.fast_decode)
     workers = cfg.predict.num_workers
     # One core stays with the model; loader workers decode the images meanwhile.
     workers = max(0, min(8, (os.cpu_count() or 1) - 1)) if workers is None else int(workers)

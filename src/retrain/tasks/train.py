@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from retrain.analysis.tracking import log_run_facts
 from retrain.artifacts import registry
 from retrain.artifacts.formats import Artifact, read_artifact
-from retrain.artifacts.metadata import new_metadata
+from retrain.artifacts.metadata import ArtifactMetadata, new_metadata
 from retrain.artifacts.publish import keep_for_sweep, publish_version
 from retrain.artifacts.sources import load_source, parent_record
 from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint, saved_epoch
@@ -273,7 +273,7 @@ def _model_phase(cfg: DictConfig, data: DataParts, resumed: Artifact | None, res
     pruning = prune_from_config(net, cfg.model.prune.amount, cfg.model.prune.method)  # None: no pruning
     qat = cfg.get("qat")  # set by experiment=qat
     if qat is not None:
-        crop = data.datamodule.preprocessing["crop"]
+        crop = data.datamodule.preprocessing.crop
         net = start_qat(net, cfg, frozen=frozen, image_size=crop, resuming=resumed is not None)
     if resumed is not None and pruning is None and qat is None:  # those two change the model's keys
         # Lightning's strict load would fail only later, with a raw traceback; this names the keys that differ.
@@ -422,7 +422,8 @@ def _publish_phase(run: Run, preemption: Preemption, best: VersionedCheckpoint |
     cfg, module = run.cfg, run.module
     if run.model.qat is not None:
         version = run.reservation.version if run.reservation else 0
-        info = deploy_info(module.metadata, f"{cfg.name}@{registry.version_dirname(version)}")
+        source = f"{cfg.name}@{registry.version_dirname(version)}"
+        info = deploy_info(ArtifactMetadata.from_dict(module.metadata, source=source), source)
         loader = run.data.datamodule.val_dataloader()
         results["qat"] = finish_qat(module.model, info, run.run_dir / "exports", loader, run.model.qat)
     # From here on a SIGTERM waits for the ~1 s publish.
