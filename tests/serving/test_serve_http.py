@@ -195,6 +195,13 @@ def test_bad_requests_get_a_4xx_alone_while_their_neighbours_are_answered(
     assert client.get("/health").status_code == 200  # and it keeps serving
 
 
+def test_a_wrong_path_or_method_gets_the_same_json_error_shape(client: httpx.Client) -> None:
+    wrong_method, wrong_path = client.get("/predict"), client.post("/predictions", content=b"x")
+    assert (wrong_method.status_code, wrong_method.json()["error"]) == (405, "method_not_allowed")
+    assert (wrong_path.status_code, wrong_path.json()["error"]) == (404, "not_found")
+    assert "/predictions" in wrong_path.json()["detail"]
+
+
 def test_metrics_count_requests_by_status_with_latency_batch_size_and_queue_time(client: httpx.Client) -> None:
     client.put("/predict", content=b"")
     text = client.get("/metrics").text

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrain.serving.batcher import Batcher
 from retrain.serving.body_limit import BodyLimit
@@ -88,6 +89,17 @@ def create_app(
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
         metrics.rejected.labels(error.kind).inc()
         return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own 4xx (unknown path, wrong method, a malformed multipart body) in the same JSON shape.
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
+        body = {
+            "error": kind,
+            "detail": f"{request.method} {request.url.path}: {error.detail}",
+            "status": error.status_code,
+        }
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
     @app.api_route("/predict", methods=["POST", "PUT"])  # PUT: what `curl -T photo.jpg URL` sends
     async def predict(request: Request) -> JSONResponse:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -86,6 +88,7 @@ class VersionWatcher:
         self.load = load
         self.metrics = metrics
         self._failed: set[Path] = set()
+        self._release_pending = False
 
     async def run(self) -> None:
         """Check for a new version every interval, until cancelled."""
@@ -95,6 +98,9 @@ class VersionWatcher:
 
     async def check(self) -> None:
         """Swap to the version the reference names now, if it is new and loads; otherwise keep the current one."""
+        if self._release_pending:
+            self._release_pending = False
+            await asyncio.to_thread(release_freed_memory)
         try:
             folder = await asyncio.to_thread(resolve, self.model_dir, self.reference)
         except RegistryError as e:  # e.g. the registry folder is being moved: try again next time
@@ -110,8 +116,23 @@ class VersionWatcher:
             self._failed.add(folder)
             self.metrics.swaps.labels("failed").inc()
             log.error("hot swap: %s failed to load, still serving %s: %s", folder, old.label, e)
+            self._release_pending = True
             return
         self.slot.model = new
         self.metrics.swaps.labels("ok").inc()
         self.metrics.serving(new.label, new.backend.kind, previous=(old.label, old.backend.kind))
         log.info("hot swap: now serving %s (%s backend), was %s", new.label, new.backend.kind, old.label)
+        # The old version is freed once its queued images are answered; the next check hands its memory back.
+        self._release_pending = True
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by an old version (and by loading the new one) back to the OS.
+
+    glibc keeps freed heap memory, in the arena of the thread that used it, for reuse; after a swap that is a
+    whole model's weights and load buffers, so resident memory would grow with every swap. malloc_trim(0)
+    releases it; elsewhere (macOS, musl) there is no such call and nothing is done.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
