@@ -22,7 +22,7 @@ from retrain.analysis.per_class import (
 from retrain.analysis.plots import plot_confusion, plot_curves, plot_top_losses
 from retrain.artifacts.metadata import Preprocessing
 from retrain.data.datamodule import ImageListDataset
-from retrain.data.transforms import eval_transforms
+from retrain.inference.tta import averaged_probs, tta_transform
 from retrain.utils.io import write_json
 
 REPORT_FILES = ("report.md", "curves.png", "confusion_matrix.png", "per_class.csv", "top_losses.png")
@@ -66,17 +66,21 @@ def predict_samples(
     device: torch.device | str = "cpu",
     batch_size: int = 64,
     num_workers: int = 0,
+    tta: str = "none",
 ) -> Predictions:
-    """Run `net` in eval mode over (path, label) samples with the eval transforms, in file order."""
+    """Run `net` in eval mode over (path, label) samples with the eval transforms, in file order.
+
+    With `tta` (flip, five_crop) each image's probabilities are the average over its views (inference/tta.py).
+    """
     loader = DataLoader(
-        ImageListDataset(samples, eval_transforms(preprocessing)), batch_size=batch_size, num_workers=num_workers
+        ImageListDataset(samples, tta_transform(preprocessing, tta)), batch_size=batch_size, num_workers=num_workers
     )
     was_training = net.training
     net.eval().to(device)
     probs, labels = [], []
     try:
         for images, targets in loader:
-            probs.append(net(images.to(device)).float().softmax(dim=1).cpu())
+            probs.append(averaged_probs(net, images.to(device), tta, preprocessing.crop).cpu())
             labels.append(targets)
     finally:
         net.train(was_training)

@@ -18,6 +18,7 @@ from retrain.analysis.report_files import HISTORY_FILE, ReportInputs, predict_sa
 from retrain.artifacts.metadata import ArtifactMetadata
 from retrain.artifacts.registry import resolve
 from retrain.errors import ArtifactError, DataError
+from retrain.inference.tta import check_tta
 from retrain.model.loading import load_trained, trained_splits
 from retrain.utils.io import read_json
 
@@ -71,6 +72,7 @@ def rebuild(
     split: str = "val",
     top_k: int = 16,
     device: str = "cpu",
+    tta: str = "none",
 ) -> Path:
     """Score a finished run's best checkpoint (or any artifact) again and write its report; returns report.md."""
     model_dir = model_dir or _default_model_dir()
@@ -87,13 +89,14 @@ def rebuild(
                 "that saved checkpoints. Fix: pass a checkpoint or registry version instead."
             )
     net, meta = load_trained(source, model_dir=model_dir)
+    tta = check_tta(tta, meta.preprocessing, source=source, option="--tta")
     splits = trained_splits(meta, data_root, source=source, option="--data-root DIR", moved=True)
     if split not in splits.samples:
         raise DataError(f"{splits.root} has no {split!r} split; it has {sorted(splits.samples)}. Fix: --split val.")
     dataset = meta.dataset
     if run_dir is None and dataset.get("split_file") and Path(dataset["split_file"]).is_file():
         run_dir = Path(dataset["split_file"]).parent
-    predictions = predict_samples(net, splits.samples[split], meta.preprocessing, device=device)
+    predictions = predict_samples(net, splits.samples[split], meta.preprocessing, device=device, tta=tta)
     folders = [f for f in (run_dir, _artifact_folder(source, model_dir)) if f is not None]
     from_run = bool(results)
     results = results or next((read_json(f / "results.json") for f in folders if (f / "results.json").is_file()), {})
@@ -108,7 +111,8 @@ def rebuild(
         milestones=recorded["milestones"],
         predictions=predictions,
         split=split,
-        weights=f"`{Path(source).name if Path(source).exists() else source}`",
+        weights=f"`{Path(source).name if Path(source).exists() else source}`"
+        + ("" if tta == "none" else f" (tta={tta})"),
         monitor=summary.get("monitor"),
         best_epoch=summary.get("best_epoch"),
         metrics={k: float(v) for k, v in (summary.get("test") or {}).items()},
@@ -130,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", help="split to score (default: val)")
     parser.add_argument("--top-k", type=int, default=16, help="images in top_losses.png (default: 16)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--tta", default="none", help="test-time augmentation: none, flip or five_crop (probabilities averaged)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         top_k=args.top_k,
         device=args.device,
+        tta=args.tta,
     )
     print(report)
     return 0

@@ -90,7 +90,8 @@ class BalancedSampler(DistributedSampler):
     def __init__(self, labels: Sequence[int], *, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
         if not labels:
             raise DataError("data.sampler=balanced has no train images to draw from. Fix: add images to train.")
-        super().__init__(labels, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        # DistributedSampler reads only the dataset's length, which the labels have.
+        super().__init__(labels, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
         self.labels = list(labels)
         counts = Counter(self.labels)
         self.weights = torch.tensor([1.0 / counts[label] for label in self.labels], dtype=torch.float64)

@@ -91,11 +91,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         cutmix_alpha: float = 0.0,
         sampler: str = "shuffle",
         seed: int = 0,
+        hflip: bool = True,
     ) -> None:
         super().__init__()
         self.splits = splits
         self.class_names = splits.class_names
-        self.preprocessing = preprocessing(image_size)
+        self.preprocessing = preprocessing(image_size, hflip=hflip)  # hflip=False: recorded, and no flip in training
         self.augment = augment
         self.train_transform = train_transforms(self.preprocessing, augment)
         self.eval_transform = eval_transforms(self.preprocessing)
@@ -171,7 +172,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         labels = [label for _, label in self.splits.samples["train"]]
         sampler = BalancedSampler(labels, seed=self.seed, num_replicas=replicas, rank=rank)
         if trainer is not None:  # Lightning draws a fit's first epoch before its set_epoch: after a resume, not 0
-            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+            progress = trainer.fit_loop.epoch_progress.current  # a _ProcessedTracker: what Lightning passes set_epoch
+            sampler.set_epoch(progress.processed)  # type: ignore[attr-defined]
         return sampler
 
     def train_dataloader(self) -> DataLoader:

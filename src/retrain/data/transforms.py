@@ -14,12 +14,22 @@ AUGMENT_PRESETS = ("none", "light", "strong")
 MIN_CROP_SCALE = {"none": 1.0, "light": 0.6, "strong": 0.08}
 
 
-def preprocessing(image_size: int = 224) -> Preprocessing:
-    """The eval preprocessing facts for `image_size`, stored in every artifact so any tool can rebuild it."""
+def preprocessing(image_size: int = 224, *, hflip: bool = True) -> Preprocessing:
+    """The eval preprocessing facts for `image_size`, stored in every artifact so any tool can rebuild it.
+
+    `hflip=False` (data.hflip) marks images that must not be mirrored; recorded as `"hflip": false`, so that
+    eval and predict refuse mirrored test-time views (artifacts without the key are mirrorable).
+    """
     if image_size < 8:
         raise ConfigError(f"data.image_size={image_size} is too small; expected at least 8 (224 is standard).")
     resize = round(image_size * 256 / 224)
-    return Preprocessing(image_size, resize, image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    extra = {} if hflip else {"hflip": False}
+    return Preprocessing(image_size, resize, image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear", extra=extra)
+
+
+def mirrorable(pre: Preprocessing) -> bool:
+    """Whether a model's images may be mirrored: in training augmentation and as a test-time view."""
+    return bool(pre.extra.get("hflip", True))
 
 
 def eval_transforms(pre: Preprocessing) -> T.Compose:
@@ -45,18 +55,19 @@ def train_transforms(pre: Preprocessing, augment: str) -> T.Compose:
         return eval_transforms(pre)
     size = pre.crop
     normalize = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    flip = [T.RandomHorizontalFlip()] if mirrorable(pre) else []  # data.hflip=false: text and digits stay as they are
     if augment == "light":
         return T.Compose(
             [
                 T.RandomResizedCrop(size, scale=(MIN_CROP_SCALE["light"], 1.0), antialias=True),
-                T.RandomHorizontalFlip(),
+                *flip,
                 *normalize,
             ]
         )
     return T.Compose(
         [
             T.RandomResizedCrop(size, scale=(MIN_CROP_SCALE["strong"], 1.0), antialias=True),
-            T.RandomHorizontalFlip(),
+            *flip,
             T.TrivialAugmentWide(),
             *normalize,
             T.RandomErasing(p=0.25),

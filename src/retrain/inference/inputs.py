@@ -11,8 +11,8 @@ from torch.utils.data import Dataset
 
 from retrain.artifacts.metadata import Preprocessing
 from retrain.data.images import check_image, has_image_extension, open_rgb
-from retrain.data.transforms import eval_transforms
 from retrain.errors import DataError
+from retrain.inference.tta import tta_transform
 
 
 def find_images(spec: str) -> list[Path]:
@@ -48,10 +48,12 @@ def find_images(spec: str) -> list[Path]:
 class PredictImages(Dataset):
     """(image tensor, error) per path; an unreadable image gives a blank tensor and says what is wrong with it."""
 
-    def __init__(self, paths: list[Path], preprocessing: Preprocessing, fast_decode: bool = True) -> None:
+    def __init__(
+        self, paths: list[Path], preprocessing: Preprocessing, fast_decode: bool = True, tta: str = "none"
+    ) -> None:
         self.paths = paths
-        self.transform = eval_transforms(preprocessing)
-        self.size = preprocessing.crop
+        self.transform = tta_transform(preprocessing, tta)  # tta=five_crop: the square its crops are cut from
+        self.size = preprocessing.resize if tta == "five_crop" else preprocessing.crop
         self.min_size = preprocessing.resize if fast_decode else None
 
     def __len__(self) -> int:

@@ -35,6 +35,7 @@ DATAMODULE_KEYS = (
     "mixup_alpha",
     "cutmix_alpha",
     "sampler",
+    "hflip",
 )
 
 

@@ -6,10 +6,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
+from retrain.analysis.tta_gain import compare_tta
+from retrain.artifacts.metadata import Preprocessing
 from retrain.data.splits import DataSplits
 from retrain.errors import DataError
+from retrain.inference.tta import check_tta
 from retrain.model.loading import load_trained, trained_splits
 from retrain.model.module import ClassifierModule
 from retrain.tasks.common import make_datamodule, make_loggers, single_device_trainer, split_options
@@ -28,6 +32,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_batch_sizes(cfg.data)
     source = str(cfg.ckpt_path)
     net, meta = load_trained(source, model_dir=Path(cfg.paths.model_dir), allow_pickle=cfg.allow_pickle)
+    tta = check_tta(cfg.get("tta"), meta.preprocessing, source=source)
     splits = trained_splits(meta, cfg.data.root, source=source, **split_options(cfg.data))
     split = cfg.split or ("test" if "test" in splits.samples else "val")
     if split not in splits.samples:
@@ -47,12 +52,29 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "class_names": meta.class_names,
         "monitor_value": float(out[0]["test/acc"]),
     }
+    if tta != "none":  # the same images without and with the views, each pass timed
+        results["tta"] = _tta_gain(cfg, net, splits.samples[split], meta.preprocessing, tta)
     path = output_dir() / "results.json"
     write_json(path, results)
     scores = ", ".join(f"{key} {float(value):.4f}" for key, value in sorted(out[0].items()))
     log.info("%s on %s (%d images): %s", source, _described(splits, split), len(splits.samples[split]), scores)
     log.info("results: %s", path)
     return results
+
+
+def _tta_gain(
+    cfg: DictConfig, net: torch.nn.Module, samples: list[tuple[str, int]], pre: Preprocessing, tta: str
+) -> dict[str, Any]:
+    """results.json's `tta`: accuracy and balanced accuracy with and without `tta`, and the time each pass took."""
+    cuda = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    batch_size = int(cfg.data.eval_batch_size or cfg.data.batch_size)
+    gain = compare_tta(net, samples, pre, tta, device="cuda" if cuda else "cpu", batch_size=batch_size)
+    log.info(
+        "tta=%s (%d views): acc %.4f (without: %.4f), bal_acc %.4f (without: %.4f), %.1fx the time",
+        tta, gain["views"], gain["acc"]["tta"], gain["acc"]["plain"], gain["bal_acc"]["tta"],
+        gain["bal_acc"]["plain"], gain["time_ratio"],
+    )  # fmt: skip
+    return gain
 
 
 def _described(splits: DataSplits, split: str) -> str:

@@ -19,6 +19,7 @@ from retrain.inference.deploy_info import deploy_info
 from retrain.inference.inputs import PredictImages, find_images
 from retrain.inference.predictions import output_format, top_k, write_predictions
 from retrain.inference.runtimes import Runtime, detect_kind, eager_runtime, load_runtime
+from retrain.inference.tta import averaged_probs, check_tta
 from retrain.model.loading import load_trained
 from retrain.utils.hydra import output_dir
 from retrain.utils.io import write_json
@@ -49,6 +50,13 @@ def _output_path(cfg: DictConfig) -> Path:
     return output
 
 
+def _scores(runtime: Runtime, images: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits; with `tta`, the log of the views' averaged probabilities (top_k's softmax gives those back)."""
+    if tta == "none":
+        return runtime.predict(images)
+    return averaged_probs(runtime.predict, images, tta, runtime.info.preprocessing.crop).log()
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Write one row per image (path, top-k labels and probabilities, error); fail only if none could be read."""
     k = int(cfg.predict.top_k)
@@ -58,9 +66,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     fmt = output_format(output, cfg.predict.format)
     paths = find_images(str(cfg.input))
     runtime = load_predictor(str(cfg.ckpt_path), model_dir=Path(cfg.paths.model_dir), allow_pickle=cfg.allow_pickle)
+    tta = check_tta(cfg.get("tta"), runtime.info.preprocessing, source=str(cfg.ckpt_path))
     class_names = runtime.info.class_names
     k = min(k, len(class_names))
-    dataset = PredictImages(paths, runtime.info.preprocessing, fast_decode=cfg.predict.fast_decode)
+    dataset = PredictImages(paths, runtime.info.preprocessing, fast_decode=cfg.predict.fast_decode, tta=tta)
     workers = cfg.predict.num_workers
     # One core stays with the model; loader workers decode the images meanwhile.
     workers = max(0, min(8, (os.cpu_count() or 1) - 1)) if workers is None else int(workers)
@@ -70,7 +79,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     batches = track(loader, description="predicting", console=Console(file=sys.stderr), disable=not show)
     for images, errors in batches:
         ok = [i for i, error in enumerate(errors) if not error]
-        logits = runtime.predict(images[ok]) if ok else torch.empty(0, len(class_names))
+        logits = _scores(runtime, images[ok], tta) if ok else torch.empty(0, len(class_names))
         finite = torch.isfinite(logits).all(dim=1)
         ranked, scored = iter(top_k(logits[finite], class_names, k)), iter(finite.tolist())
         for error in errors:
@@ -85,6 +94,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "status": "ok" if len(failed) < len(rows) and not broken else "failed",
         "source": str(cfg.ckpt_path),
         "runtime": runtime.kind,
+        "tta": tta,
         "input": str(cfg.input),
         "output": str(output),
         "images": len(rows),

@@ -29,6 +29,7 @@ class DataConfig:
     mixup_alpha: float = MISSING
     cutmix_alpha: float = MISSING
     sampler: str = MISSING  # shuffle | balanced: data/balance.py
+    hflip: bool = MISSING  # false: never mirrored (data/transforms.py mirrorable, inference/tta.py)
     batch_size: int = MISSING
     eval_batch_size: Optional[int] = MISSING
     num_workers: Optional[int] = MISSING
