@@ -137,3 +137,21 @@ def test_more_epochs_under_cosine_warn_that_the_lr_rises_again(
     # results.json names that epoch, not an earlier one with the same score.
     assert f"-epoch{EPOCHS:03d}-" in Path(results["best_checkpoint"]).name
     assert results["best_epoch"] == EPOCHS and results["best"] == results["history"][EPOCHS]
+
+
+def test_a_finished_run_not_published_in_this_registry_is_tested_and_published(run, tmp_path: Path) -> None:
+    # What a rerun after a SIGTERM in the post-fit test does: no training left, straight to test and publish.
+    last = Path(run["saved"]["run_dir"]) / "checkpoints" / "last.ckpt"
+    cfg = composed(
+        tmp_path,
+        f"data.root={run['root']}",
+        *FAST,
+        f"trainer.max_epochs={EPOCHS}",
+        f"ckpt_path={last}",
+        f"paths.model_dir={tmp_path / 'models'}",
+        "~callbacks.report",
+    )
+    results = train(cfg)
+    assert results["status"] == "ok" and Path(results["registry"]["path"]) == tmp_path / "models" / "resnet18" / "v001"
+    assert results["global_step"] == run["saved"]["global_step"]  # no training step was added
+    assert results["test"]["test/acc"] == pytest.approx(run["saved"]["test"]["test/acc"])

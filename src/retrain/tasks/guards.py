@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from retrain.artifacts.formats import Artifact
 from retrain.artifacts.registry import version_dirname
-from retrain.errors import ConfigError, TrainingError
+from retrain.errors import ArtifactError, ConfigError, TrainingError
 from retrain.model.module import epochs_done, logged_metric_names
 from retrain.utils.io import read_json
 
@@ -88,7 +88,7 @@ def _published_version(model_dir: Path, metadata: dict[str, Any]) -> Path | None
     folder = model_dir / str(name) / version_dirname(int(version))
     try:
         published = read_json(folder / "metadata.json")
-    except (OSError, ValueError):
+    except ArtifactError:  # not published (a stopped run's number), or removed since
         return None
     # Another registry may hold a vNNN of the same name: the run's start time tells them apart.
     return folder if published.get("created") == metadata.get("created") else None
