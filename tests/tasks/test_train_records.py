@@ -155,3 +155,21 @@ def test_a_finished_run_not_published_in_this_registry_is_tested_and_published(r
     assert results["status"] == "ok" and Path(results["registry"]["path"]) == tmp_path / "models" / "resnet18" / "v001"
     assert results["global_step"] == run["saved"]["global_step"]  # no training step was added
     assert results["test"]["test/acc"] == pytest.approx(run["saved"]["test"]["test/acc"])
+
+
+def test_after_a_resume_the_best_epoch_is_the_published_checkpoints_own(tmp_path: Path) -> None:
+    # model.lr=1e-12, too small to change a float32 weight: every epoch scores the same. A resume into a new run
+    # folder starts a new top-k there, so its best checkpoint is its own epoch; results.json and the panel used
+    # to name the first epoch of equal score.
+    root = make_imagefolder(tmp_path / "images", per_class=4)
+    common = (f"data.root={root}", *FAST, "model.freeze=true", "model.lr=1e-12", "~callbacks.report")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = train(composed(tmp_path / "a", *common, "trainer.max_epochs=2"))
+    assert len({row["val/acc"] for row in first["history"]}) == 1  # a tie in every epoch
+    last = Path(first["run_dir"]) / "checkpoints" / "last.ckpt"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        resumed = train(composed(tmp_path / "b", *common, "trainer.max_epochs=3", f"ckpt_path={last}"))
+    assert "-epoch002-" in Path(resumed["best_checkpoint"]).name
+    assert resumed["best_epoch"] == 2 and resumed["best"] == resumed["history"][2]
+    assert "(epoch 2)" in out.getvalue()
