@@ -18,8 +18,10 @@ import torchvision
 from clitools import FAST, composed, make_imagefolder
 
 import retrain.tasks.train as train_task
+from retrain.artifacts.formats import Artifact
 from retrain.callbacks.preemption import INTERRUPTED_EXIT_CODE
-from retrain.errors import ArtifactError, ConfigError
+from retrain.errors import ArtifactError, ConfigError, TrainingError
+from retrain.tasks.guards import check_schedule_on_resume
 from retrain.tasks.train import train
 from retrain.utils.hydra import run_task
 
@@ -135,3 +137,19 @@ def test_ctrl_c_saves_last_ckpt_says_how_to_resume_and_exits_130(
     assert "Stopped on Ctrl-C in fit at epoch 0, step 2" in caplog.text and results["resume_command"] in caplog.text
     assert published(tmp_path) == []
     assert not list((tmp_path / "models" / "resnet18").glob(".*.partial"))  # the reservation is dropped
+
+
+def test_a_fit_without_a_training_step_publishes_nothing(tmp_path: Path, folder: Path) -> None:
+    cfg = composed(tmp_path, f"data.root={folder}", *FAST, "trainer.limit_train_batches=0", "~callbacks.report")
+    with pytest.raises(TrainingError, match=r"No training step ran: 24 training images in batches of 8 gave 0 batch"):
+        train(cfg)
+    assert published(tmp_path) == []
+
+
+def test_resuming_one_cycle_with_more_epochs_is_refused_before_training(tmp_path: Path, folder: Path) -> None:
+    # One-cycle's length is fixed at its start; PyTorch would raise only once the old last step is passed.
+    checkpoint = {"lr_schedulers": [{"total_steps": 9, "last_epoch": 9}], "global_step": 9}
+    resumed = Artifact({}, {"config": {"trainer": {"max_epochs": 3}}}, None, "lightning", None, checkpoint)
+    cfg = composed(tmp_path, f"data.root={folder}", *FAST, "trainer.max_epochs=5")
+    with pytest.raises(ConfigError, match=r"one-cycle schedule of old.ckpt was set for 3 epochs \(9 steps\)"):
+        check_schedule_on_resume(cfg, resumed, Path("old.ckpt"))

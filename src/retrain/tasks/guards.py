@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -158,9 +159,10 @@ def raise_if_trained_nothing(trainer: L.Trainer, train_images: int, batch_size: 
     """A fit that took no optimizer step leaves the initial weights: nothing to test or publish."""
     if trainer.global_step > 0:
         return
+    batches = trainer.num_training_batches
     raise TrainingError(
         f"No training step ran: {train_images} training images in batches of {batch_size} gave "
-        f"{trainer.num_training_batches} batches per epoch (trainer.limit_train_batches="
+        f"{batches if math.isfinite(batches) else 0} batches per epoch (trainer.limit_train_batches="
         f"{trainer.limit_train_batches}, max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}), so "
         "the weights are the initial ones and nothing was published. Expected at least one step. Fix: give "
         "trainer.limit_train_batches a value above 0, or add training images."
