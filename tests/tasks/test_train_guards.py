@@ -50,6 +50,7 @@ def nothing_reserved_or_published(tmp_path: Path) -> bool:
         ("trainer.max_epochs=0", r"trainer.max_epochs=0 trains nothing.*Fix: trainer.max_epochs=10.*eval.py"),
         ("monitor=val/accc", r"monitor=val/accc is never logged.*Expected one of \['train/loss'"),
         ("monitor=val/acc_top5", r"top-5 accuracy is logged only with 5 or more classes.*has 3 \(cat, dog, fox\)"),
+        ("callbacks.checkpoint.monitor=val/accc", r"callbacks.checkpoint.monitor=val/accc is never logged"),
     ],
 )
 def test_settings_that_cannot_train_stop_before_a_version_is_reserved(

@@ -36,3 +36,14 @@ def test_a_user_mistake_exits_1_with_one_paragraph(tmp_path: Path, capsys: pytes
         run_task(fail_on_data, composed(tmp_path))
     assert failed.value.code == 1
     assert "error: data.root has no class folders. Fix:" in capsys.readouterr().err
+
+
+def press_ctrl_c(cfg: DictConfig) -> dict[str, Any]:
+    raise KeyboardInterrupt  # Ctrl-C outside train's fit-to-publish span (scanning the data, predict...)
+
+
+def test_ctrl_c_in_any_task_exits_130_with_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        run_task(press_ctrl_c, composed(tmp_path))
+    assert stopped.value.code == 130
+    assert "Stopped on Ctrl-C before press_ctrl_c finished" in caplog.text
