@@ -57,6 +57,7 @@ OVERRIDES = (
     "trainer.num_sanity_val_steps=0",
     "model.freeze=true",  # checkpoints of 45 MB instead of 90 (no momentum for the backbone)
     "model.feature_cache=false",  # every epoch must read the served image
+    "model.bn_stats=frozen",  # adapting would read the served image before epoch 0
     "~callbacks.report",
     *FAST,
 )
