@@ -22,6 +22,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
+from retrain.model.module import epoch_row
 from retrain.utils.console import log_to_run_log_only
 
 log = logging.getLogger(__name__)
@@ -33,19 +34,6 @@ def _order(key: str) -> tuple[int, int, str]:
     split = next(i for i, prefix in enumerate(_SPLITS) if key.startswith(prefix))
     name = key[len(_SPLITS[split]) :]
     return split, {"loss": 0, "acc": 1}.get(name, 2), name
-
-
-def epoch_metrics(callback_metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The epoch-level train/ and val/ scalars, by their plain names (a `_epoch` value wins over the last step's)."""
-    values: dict[str, float] = {}
-    for key in callback_metrics:
-        name = key.removesuffix("_epoch")
-        if key.endswith("_step") or not name.startswith(_SPLITS):
-            continue
-        value = callback_metrics.get(f"{name}_epoch", callback_metrics[key])
-        if getattr(value, "numel", lambda: 1)() == 1:
-            values[name] = float(value)
-    return values
 
 
 def format_epoch_line(
@@ -118,7 +106,7 @@ class EpochLog(L.Callback):
         line = format_epoch_line(
             trainer.current_epoch,
             last,
-            epoch_metrics(trainer.callback_metrics),
+            _metrics(trainer),
             lr=self._lr,
             seconds=time.monotonic() - self._epoch_start,
         )
@@ -140,3 +128,10 @@ class EpochLog(L.Callback):
             log.info(line)  # the terminal (or job log) and train.log
         else:
             log_to_run_log_only(log, line)  # the bar already shows the epoch on screen
+
+
+def _metrics(trainer: L.Trainer) -> dict[str, float]:
+    """This epoch's train/ and val/ values, the same row the module's history (and results.json) records."""
+    row = epoch_row(trainer.current_epoch, trainer.callback_metrics, validated=True)
+    row.pop("epoch")
+    return row
