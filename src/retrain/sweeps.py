@@ -166,6 +166,7 @@ def _markdown(sweep_dir: Path, jobs: list[Job], best: Job | None, shown: dict[in
         "",
         f"`{sweep_dir}`: {len(jobs)} jobs ({counts}); {verdict}.",
         "",
+        *(["Cross-validation (experiment=cv): [cv_summary.md](cv_summary.md).", ""] if _is_cv(sweep_dir) else []),
         f"| job | status | {monitor} | best epoch | overrides | run dir | error |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -258,6 +259,10 @@ def publish_best(jobs: list[Job], best: Job | None) -> dict[str, Any] | None:
         if job is not best:
             publish.drop_kept(job.run_dir)
     return published
+
+
+def _is_cv(sweep_dir: Path) -> bool:
+    return (sweep_dir / "cv_summary.md").is_file()  # written by retrain.cv.CVSummary, which then rewrites this
 
 
 def _retrain_error_behind(error: BaseException) -> RetrainError | None:

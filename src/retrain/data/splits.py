@@ -55,6 +55,7 @@ class DataSplits:
     test_fraction: float = 0.0
     found: list[Problem] = field(default_factory=list)  # what the folder walk left out or counted once
     duplicates: list[list[str]] = field(default_factory=list)  # byte-identical files, each group in one split
+    cv: dict[str, Any] = field(default_factory=dict)  # k-fold CV: fold, folds, seed, group_by, assignment (folds.py)
 
     def sizes(self) -> dict[str, int]:
         """Number of images per split, for logs and metadata."""
@@ -87,6 +88,7 @@ class DataSplits:
             "split_seed": self.split_seed,
             "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction,
+            **({"cv": {k: v for k, v in self.cv.items() if k != "assignment"}} if self.cv else {}),
         }
 
     def without(self, bad: set[str]) -> DataSplits:
@@ -102,6 +104,7 @@ class DataSplits:
             "class_names": self.class_names,
             "fingerprint": self.fingerprint(),
             "samples": {s: [[os.path.relpath(p, self.root), y] for p, y in items] for s, items in self.samples.items()},
+            **({"cv": self.cv} if self.cv else {}),  # the fold of every pool image, reused on resume
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data))
@@ -374,7 +377,7 @@ def load_recorded(path: Path, root: str | Path) -> DataSplits:
     """Reload a split recorded by `DataSplits.save`, checking that the files still exist under `root`."""
     data = json.loads(Path(path).read_text())
     root = Path(root).expanduser().resolve()
-    splits = DataSplits(root, data["layout"], data["class_names"])
+    splits = DataSplits(root, data["layout"], data["class_names"], cv=data.get("cv", {}))
     for split, items in data["samples"].items():
         splits.samples[split] = [(str(root / rel), y) for rel, y in items]
     missing = [p for items in splits.samples.values() for p, _ in items if not os.path.exists(p)]

@@ -113,7 +113,8 @@ def _class_warnings(splits: DataSplits) -> list[str]:
             f"Classes with fewer than {MIN_TRAIN_IMAGES} training images: {listed}. A class needs several images "
             "to be learned at all. Fix: add images of these classes, or remove their folders."
         )
-    for split in ("val", "test"):
+    held_out = ("test",) if splits.cv.get("fold") == "refit" else ("val", "test")  # a CV refit has no val on purpose
+    for split in held_out:
         absent = ", ".join(name for name, n in counts.get(split, {}).items() if not n)
         if absent:
             out.append(f"{split} has no images of {absent}, so {split}/acc never scores them. {_fix(splits, split)}")

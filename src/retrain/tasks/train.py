@@ -26,6 +26,7 @@ from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
 from retrain.callbacks.preemption import Preemption, preemption_checkpoint
 from retrain.callbacks.run_report import finish_report
 from retrain.callbacks.unfreeze import ProgressiveUnfreeze
+from retrain.cv import fold_outputs, refit_record
 from retrain.data.balance import loss_weights
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.splits import DataSplits
@@ -237,6 +238,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 prune=model.pruning,
                 bn_stats=run.module.metadata.get("bn_stats"),
             )
+            if data.splits.cv:  # a fold of a CV sweep writes its out-of-fold predictions (cv.py)
+                results["cv"] = fold_outputs(run_dir, data.splits, model.callbacks, run.module, data.datamodule)
             _publish_phase(run, preemption, best, results)
             write_json(run_dir / "results.json", results)
             console.print_summary(results, cfg)
@@ -309,6 +312,8 @@ def _metadata_phase(cfg: DictConfig, run_dir: Path, data: DataParts, model: Mode
         metadata["prune"] = model.pruning
     if model.qat is not None:
         metadata["quantization"] = "qat"
+    if cfg.get("cv") and cfg.cv.get("refit_from"):  # a CV refit: the folds' mean and std, and their runs
+        metadata["cv"] = refit_record(Path(cfg.cv.refit_from))
     return metadata
 
 

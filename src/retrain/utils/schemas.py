@@ -41,6 +41,9 @@ class DataConfig:
     val_fraction: float = MISSING
     test_fraction: float = MISSING
     split_seed: int = MISSING
+    folds: int = MISSING  # k-fold CV: data/folds.py
+    fold: Any = MISSING  # null, a fold number or refit
+    group_by: Optional[str] = MISSING
     validate: str = MISSING  # quick | full | off
     on_bad_file: str = MISSING  # error | skip
     demo: bool = MISSING
