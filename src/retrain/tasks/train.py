@@ -30,8 +30,8 @@ from retrain.cv import fold_outputs, refit_record
 from retrain.data.balance import loss_weights
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.splits import DataSplits
-from retrain.errors import ConfigError
 from retrain.data.summary import log_weights_origin
+from retrain.errors import ConfigError
 from retrain.export.qat import finish_qat, start_qat
 from retrain.inference.deploy_info import deploy_info
 from retrain.model.bn_adapt import adaptation_for, bn_stats_record
@@ -258,10 +258,10 @@ def _data_phase(cfg: DictConfig, run_dir: Path, resumed: Artifact | None) -> Dat
         log.info("trainer.deterministic: loader workers restart every epoch (persistent_workers=false)")
         datamodule.persistent_workers = False
     if is_rank_zero():
+        log_weights_origin(cfg.model.init_from, resumed.path if resumed else None)  # after the data summary
         splits.save(run_dir / "split.json")
         if bad_files:
             (run_dir / "bad_files.txt").write_text("\n".join(bad_files) + "\n")
-        log_weights_origin(cfg.model.init_from, resumed.path if resumed else None)  # after the data summary
     return DataParts(splits, bad_files, datamodule)
 
 
