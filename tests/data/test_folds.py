@@ -8,11 +8,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from clitools import make_imagefolder
+from clitools import CLASSES, make_imagefolder
 
+from retrain.artifacts.metadata import ArtifactMetadata
 from retrain.data.folds import REFIT, assign_folds, fold_split
 from retrain.data.splits import discover, load_recorded
+from retrain.data.transforms import preprocessing
 from retrain.errors import ConfigError, DataError
+from retrain.model.loading import trained_splits
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +93,11 @@ def test_a_wrong_fold_says_what_is_expected(flat: Path, fold: object, folds: obj
 def test_more_folds_than_groups_is_a_data_error() -> None:
     with pytest.raises(DataError, match=r"Fix: lower data\.folds"):
         assign_folds([0, 1, 0, 1], ["a", "a", "b", "b"], 3, seed=0)
+
+
+def test_eval_cuts_again_the_fold_a_model_records(imagefolder: Path) -> None:
+    fold = fold_split(discover(imagefolder), 1, 2, seed=3)  # train/, val/, test/ folders: nothing reloads a file list
+    facts = {"arch": "resnet18", "class_names": list(CLASSES), "preprocessing": preprocessing(32).to_dict()}
+    meta = ArtifactMetadata.from_dict({**facts, "dataset": fold.summary()})
+    again = trained_splits(meta, None, source="fold model")
+    assert again.samples["val"] == fold.samples["val"] and again.samples["test"] == fold.samples["test"]

@@ -12,12 +12,12 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from retrain.data.splits import DataSplits
 from retrain.errors import ConfigError, DataError
@@ -80,6 +80,9 @@ def group_keys(paths: list[str], root: Path, pattern: str | None, duplicates: li
 
 def assign_folds(labels: list[int], groups: list[str], folds: int, seed: int) -> list[int]:
     """The fold of each image: stratified by label, every group in one fold, the same for the same inputs."""
+    # scikit-learn here: eval and predict read fold models through model/loading.py without paying for its import.
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     y = np.asarray(labels)
     x = np.zeros(len(labels))
     whole = len(set(groups)) < len(groups)
@@ -96,8 +99,9 @@ def assign_folds(labels: list[int], groups: list[str], folds: int, seed: int) ->
                 for i in held_out:
                     out[i] = fold
         except ValueError as error:
+            reason = str(error).rstrip(".")
             raise DataError(
-                f"The train pool cannot be cut into data.folds={folds} folds: {str(error).rstrip('.')}. Expected at least {folds} "
+                f"The train pool cannot be cut into data.folds={folds} folds: {reason}. Expected at least {folds} "
                 "images (or groups, with data.group_by) per class. Fix: lower data.folds, or group less coarsely."
             ) from None
     return out
@@ -121,6 +125,15 @@ def fold_split(splits: DataSplits, fold: Any, folds: Any, seed: int, group_by: s
     samples["val"] = [s for s, f in zip(pool, assignment, strict=True) if fold != REFIT and f == fold]
     relative = {os.path.relpath(path, splits.root): f for path, f in zip(paths, assignment, strict=True)}
     return replace(splits, samples=samples, cv={**wanted, "fold": fold, "assignment": relative})
+
+
+def as_recorded(splits: DataSplits, recorded: Mapping[str, Any] | None) -> DataSplits:
+    """The fold an artifact records in its dataset facts (`cv`), cut again: the one a resumed or evaluated fold
+    model validated on; `splits` unchanged for a model that was not trained on a fold."""
+    cv = (recorded or {}).get("cv") or {}
+    if not cv:
+        return splits
+    return fold_split(splits, cv["fold"], cv["folds"], int(cv["seed"]), cv.get("group_by"))
 
 
 def _check_class_sizes(class_names: list[str], labels: list[int], folds: int) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from retrain.artifacts.metadata import ArtifactMetadata
 from retrain.artifacts.sources import load_source
+from retrain.data.folds import as_recorded
 from retrain.data.splits import DataSplits, split_as_recorded
 from retrain.errors import ConfigError, DataError
 from retrain.model.resnet import build_resnet
@@ -56,6 +57,8 @@ def trained_splits(
     splits = split_as_recorded(
         here, recorded if same else None, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
     )
+    if same:  # a k-fold CV model: its val is its fold of the pool
+        splits = as_recorded(splits, recorded)
     if splits.class_names != meta.class_names:
         raise DataError(
             f"The classes in {here} ({splits.class_names}) differ from the model's ({meta.class_names}). "

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.demo import build_demo_dataset
-from retrain.data.folds import fold_split
+from retrain.data.folds import as_recorded, fold_split
 from retrain.data.images import IMAGE_PROBLEM_KINDS
 from retrain.data.splits import DataSplits, split_as_recorded
 from retrain.data.summary import log_data_summary
@@ -71,7 +71,9 @@ def prepare_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None)
         if bad:
             log.warning("skipping %d bad files (data.on_bad_file=skip); listed in bad_files.txt", len(bad))
             splits = splits.without({os.path.abspath(p) for p in bad})
-    if data_cfg.get("fold") is not None:  # k-fold CV: this fold's part of the pool validates (data/folds.py)
+    if (recorded or {}).get("cv"):  # a resumed fold run: the folds it was trained with (data/folds.py)
+        splits = as_recorded(splits, recorded)
+    elif data_cfg.get("fold") is not None:  # k-fold CV: this fold's part of the pool validates
         splits = fold_split(splits, data_cfg.fold, data_cfg.folds, data_cfg.split_seed, data_cfg.group_by)
     if is_rank_zero():
         log_data_summary(splits, report)  # the weights line follows it: summary.log_weights_origin
