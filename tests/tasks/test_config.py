@@ -49,7 +49,7 @@ def test_top5_accuracy_only_with_five_or_more_classes() -> None:
     three = ClassifierModule(build_resnet("resnet18", 3), list("abc"))
     assert "val/acc_top5" in five.val_metrics.keys(keep_base=False)
     assert "val/acc_top5" not in three.val_metrics.keys(keep_base=False)
-    assert {"val/acc", "val/f1"} == set(three.val_metrics.keys(keep_base=False))
+    assert {"val/acc", "val/bal_acc", "val/f1"} == set(three.val_metrics.keys(keep_base=False))
 
 
 def test_trainer_presets_compose(tmp_path: Path) -> None:
