@@ -66,6 +66,10 @@ SERVERS = ("naive", "auto", "eager")  # the naive server; retrain serve with aut
 ONNX_OPSET = 23  # what conf/export.yaml exports
 MAX_BODY_MB = 2
 START_TIMEOUT_S = 300
+# Every server waits passively between OpenMP regions. On a machine shared with other work, spinning OpenMP
+# threads made one process's model calls ten times slower than another's, by chance (the naive server's single
+# image: 1,500 ms, the same call in retrain serve: 130 ms; both 130 ms with passive waiting).
+SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
 PROB_TOLERANCE = 1e-4  # batches of other sizes move float sums in the last digits, never more
 
 
@@ -192,7 +196,9 @@ def running(args: list[str], cwd: Path, url: str) -> Iterator[subprocess.Popen[b
     """A server process, once GET /health answers 200; stopped (SIGTERM) on leaving, also when it failed to start."""
     log = cwd / f"{Path(args[0]).stem}-{url.rsplit(':', 1)[1]}.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, *args], cwd=cwd, env=SERVER_ENV, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _healthy(url):

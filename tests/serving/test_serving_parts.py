@@ -59,13 +59,16 @@ def test_auto_measures_every_full_precision_backend_and_says_which_won(tmp_path:
     folder = make_version(models, seed=0, classes=CLASSES)
     net, meta = load_trained(str(folder), model_dir=models)
     props = to_props(deploy_info(meta, "cats@v001"))
-    export_onnx(net, torch.randn(2, 3, 32, 32), folder / "exports" / FILE_NAMES["onnx"], props, opset=23)
+    onnx = export_onnx(net, torch.randn(2, 3, 32, 32), folder / "exports" / FILE_NAMES["onnx"], props, opset=23)
     settings = ServeSettings.from_config({"max_batch_size": 4})
     model = load_served_model("cats@latest", settings, model_dir=models, allow_pickle=False)
     assert model.label == "cats@v001" and model.folder == folder.resolve()
     assert set(model.backend.ms_per_image) == {"eager", "onnx"}
     assert model.backend.kind == min(model.backend.ms_per_image, key=model.backend.ms_per_image.__getitem__)
     assert "fastest of 2 measured" in model.backend.reason and "int8 is never auto-picked" in model.backend.reason
+    exported = load_served_model(str(onnx), settings, model_dir=models, allow_pickle=False)  # the file alone
+    assert (exported.label, exported.backend.kind, exported.folder) == ("cats@v001", "onnx", None)
+    assert "only full-precision backend" in exported.backend.reason
     with pytest.raises(ConfigError, match=r"offers only \['eager', 'onnx'\].*formats=\[int8\]"):
         load_served_model("cats@latest", ServeSettings(backend="int8"), model_dir=models, allow_pickle=False)
 
@@ -98,3 +101,24 @@ def test_batches_are_capped_hold_one_version_each_and_answer_in_order() -> None:
     answers = asyncio.run(scenario())
     assert answers == [[("old", 0.0)], [("old", 1.0)], [("old", 2.0)], [("old", 3.0)], [("new", 9.0)]]
     assert old.batches == [3, 1] and new.batches == [1]
+
+
+def test_a_lone_image_goes_at_once_and_a_batch_waits_only_for_images_being_decoded() -> None:
+    model = FakeModel("m")
+
+    async def scenario() -> None:
+        batcher = Batcher(max_batch_size=8, timeout_ms=600_000, metrics=ServeMetrics())
+        runner = asyncio.create_task(batcher.run())
+        # Nothing else on its way: no waiting for the (ten-minute) timeout.
+        assert await asyncio.wait_for(batcher.submit(model, torch.zeros(1)), 60) == [("m", 0.0)]
+        first = asyncio.create_task(batcher.submit(model, torch.ones(1)))
+        with batcher.coming():  # a second upload is being decoded: the batch waits for it
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not first.done()
+        second = await asyncio.wait_for(batcher.submit(model, torch.full((1,), 2.0)), 60)
+        assert (await first, second) == ([("m", 1.0)], [("m", 2.0)])
+        await batcher.close(runner)
+
+    asyncio.run(scenario())
+    assert model.batches == [1, 2]

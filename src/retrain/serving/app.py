@@ -134,7 +134,8 @@ def create_app(
 
 async def _answer(state: ServerState, model: ServedModel, data: bytes) -> Answer:
     loop = asyncio.get_running_loop()
-    image = await loop.run_in_executor(state.decoder, model.preprocess, data)
+    with state.batcher.coming():
+        image = await loop.run_in_executor(state.decoder, model.preprocess, data)
     return await state.batcher.submit(model, image)
 
 

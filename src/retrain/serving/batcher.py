@@ -1,9 +1,10 @@
 """Dynamic batching: images from concurrent requests share one model call, in a thread of its own.
 
 Only images that decoded and preprocessed cleanly reach the queue, so a bad upload is answered on its own and
-never shares a batch. A batch closes when it holds `max_batch_size` images or when its oldest image has waited
-`batch_timeout_ms`; images that queued while the model was busy have waited already and go at once. A batch
-holds images of one model version only: during a hot swap each image is answered by the version that
+never shares a batch. A batch closes when it holds `max_batch_size` images, when its oldest image has waited
+`batch_timeout_ms`, or when no other image is being decoded (none could join, so waiting would only add
+latency: a lone request goes at once). Images that queued while the model was busy have waited already and go
+at once. A batch holds images of one model version only: during a hot swap each image is answered by the version that
 preprocessed it, whose classes and input size it was made for.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,8 +40,18 @@ class Batcher:
         self.metrics = metrics
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._held: _Job | None = None  # the first image of the next batch (another version than the last one's)
+        self._coming = 0  # images being decoded now, which may still join the batch being formed
         # One thread: model calls never overlap, and torch's own threads parallelize each call.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+
+    @contextlib.contextmanager
+    def coming(self) -> Iterator[None]:
+        """Mark an image as on its way (being decoded), so a forming batch waits for it up to the timeout."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
 
     async def submit(self, model: ServedModel, image: torch.Tensor) -> Answer:
         """Queue one preprocessed image for `model` and wait for its top-k answer."""
@@ -84,7 +96,7 @@ class Batcher:
         while len(batch) < self.max_batch_size:
             if self._queue.empty():
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or not self._coming:
                     break
                 try:
                     job = await asyncio.wait_for(self._queue.get(), remaining)
