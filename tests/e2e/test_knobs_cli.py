@@ -28,6 +28,7 @@ SHORT = (
     "save.publish=false",
     "model.freeze=true",
     "model.feature_cache=false",  # the cache would compute the features once, outside the knob
+    "model.bn_stats=frozen",  # adapting under each knob would give each run its own statistics
 )
 KNOBS = {
     "fp32": ("trainer.precision=32",),

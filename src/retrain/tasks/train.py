@@ -215,6 +215,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_schedule_on_resume(cfg, resumed, resume_path)
     data = _data_phase(cfg, run_dir, resumed)
     model = _model_phase(cfg, data, resumed, resume_path)
+    _record_data(run_dir, data)
     reservation = _version_for_this_run(cfg)
     # A run that fails or is stopped (an error, Ctrl-C) drops its reservation; its number is never reused.
     with registry.held(reservation):
@@ -247,7 +248,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _data_phase(cfg: DictConfig, run_dir: Path, resumed: Artifact | None) -> DataParts:
-    """Scan and split the images (reusing a resumed run's split) and record the split in the run folder."""
+    """Scan and split the images, reusing a resumed run's split."""
     recorded = ((resumed.metadata or {}).get("dataset") if resumed else None) or None
     splits, bad_files = prepare_splits(cfg.data, recorded)
     check_monitors(cfg, splits.class_names)  # the class count decides whether top-5 accuracy is logged
@@ -259,10 +260,15 @@ def _data_phase(cfg: DictConfig, run_dir: Path, resumed: Artifact | None) -> Dat
         datamodule.persistent_workers = False
     if is_rank_zero():
         log_weights_origin(cfg.model.init_from, resumed.path if resumed else None)  # after the data summary
-        splits.save(run_dir / "split.json")
-        if bad_files:
-            (run_dir / "bad_files.txt").write_text("\n".join(bad_files) + "\n")
     return DataParts(splits, bad_files, datamodule)
+
+
+def _record_data(run_dir: Path, data: DataParts) -> None:
+    """Write split.json (and the skipped files) once the weights loaded: a refused source leaves no file behind."""
+    if is_rank_zero():
+        data.splits.save(run_dir / "split.json")
+        if data.bad_files:
+            (run_dir / "bad_files.txt").write_text("\n".join(data.bad_files) + "\n")
 
 
 def _model_phase(cfg: DictConfig, data: DataParts, resumed: Artifact | None, resume_path: Path | None) -> ModelParts:
