@@ -11,10 +11,11 @@ on this machine, each in its own process, on 127.0.0.1 only:
   fastest; batches of up to 16, 5 ms timeout);
 - retrain serve with serve.backend=eager: the same model as the naive server, so its row shows what batching
   and the decode threads alone give.
-The load generator (httpx, asyncio, in this process) keeps a fixed number of requests in flight (concurrency 1, 8
-and 32), each a real JPEG (320x240, 640x480 or 1280x960) as the raw body of POST /predict, until --requests are
-answered or --max-seconds have passed; at each level the servers take turns. It reports requests/s and the
-p50/p95/p99 latency; ratios are to the naive server (requests/s: higher is better; p99: lower is).
+Every server runs with OMP_WAIT_POLICY=PASSIVE (see SERVER_ENV). The load generator (httpx, asyncio, in this
+process) keeps a fixed number of requests in flight (concurrency 1, 8 and 32), each a real JPEG (320x240, 640x480
+or 1280x960) as the raw body of POST /predict, until --requests are answered or --max-seconds have passed; at each
+level the servers take turns. It reports requests/s and the p50/p95/p99 latency; ratios are to the naive server
+(requests/s: higher is better; p99: lower is).
 
 Then the soak, against retrain serve (auto) alone, at concurrency 8: --soak requests, 5 % of them bad (not an
 image, a truncated JPEG, an empty body, a wrong content type, a body over serve.max_body_mb), mixed in. Every

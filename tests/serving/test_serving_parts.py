@@ -66,6 +66,9 @@ def test_auto_measures_every_full_precision_backend_and_says_which_won(tmp_path:
     assert set(model.backend.ms_per_image) == {"eager", "onnx"}
     assert model.backend.kind == min(model.backend.ms_per_image, key=model.backend.ms_per_image.__getitem__)
     assert "fastest of 2 measured" in model.backend.reason and "int8 is never auto-picked" in model.backend.reason
+    kept = load_served_model("cats@latest", settings, model_dir=models, allow_pickle=False, keep="onnx")  # a swap
+    assert (kept.backend.kind, kept.backend.ms_per_image) == ("onnx", {})
+    assert "kept from the version before" in kept.backend.reason
     exported = load_served_model(str(onnx), settings, model_dir=models, allow_pickle=False)  # the file alone
     assert (exported.label, exported.backend.kind, exported.folder) == ("cats@v001", "onnx", None)
     assert "only full-precision backend" in exported.backend.reason

@@ -102,11 +102,14 @@ def choose_backend(
     batch_size: int,
     model_dir: Path,
     allow_pickle: bool,
+    keep: str | None = None,
 ) -> tuple[Runtime, BackendChoice]:
     """Load the requested backend, or with `auto` every full-precision one offered, timed; keep the fastest.
 
     `folder` is the registry version `source` resolved to (see version_folder): it is loaded from there, so a
-    `latest` that moves meanwhile cannot slip another version in.
+    `latest` that moves meanwhile cannot slip another version in. `keep` (a hot swap's current backend) is taken
+    without timing when offered: timings taken under load would measure the load, and loading every candidate
+    would hold several models in memory at once.
     """
     available = offered(str(folder) if folder else source, folder)
 
@@ -125,6 +128,9 @@ def choose_backend(
             )
         return load[backend](), BackendChoice(backend, _device_of(backend, device), f"serve.backend={backend}")
     candidates = [kind for kind in AUTO_KINDS if kind in available]
+    if keep in candidates:
+        reason = f"auto: {keep}, kept from the version before (a hot swap does not time backends under load)"
+        return load[keep](), BackendChoice(keep, _device_of(keep, device), reason)
     if not candidates:  # an int8 file alone
         kind = next(iter(available))
         return load[kind](), BackendChoice(kind, "cpu", f"auto: {kind} is the only backend {source} offers")

@@ -15,6 +15,7 @@ import gc
 import logging
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from retrain.artifacts.registry import LATEST, resolve
@@ -78,7 +79,7 @@ class VersionWatcher:
         reference: str,
         model_dir: Path,
         interval_s: float,
-        load: Callable[[str], ServedModel],
+        load: Callable[..., ServedModel],
         metrics: ServeMetrics,
     ) -> None:
         self.slot = slot
@@ -111,7 +112,7 @@ class VersionWatcher:
             return
         log.info("hot swap: %s now names %s; loading it while %s answers", self.reference, folder, old.label)
         try:
-            new = await in_daemon_thread(self.load, str(folder))
+            new = await in_daemon_thread(partial(self.load, keep=old.backend.kind), str(folder))
         except Exception as e:  # any failure of the new version must leave the old one serving
             self._failed.add(folder)
             self.metrics.swaps.labels("failed").inc()

@@ -105,8 +105,10 @@ class ModelSlot:
     model: ServedModel
 
 
-def load_served_model(source: str, settings: ServeSettings, *, model_dir: Path, allow_pickle: bool) -> ServedModel:
-    """Load a SOURCE with the backend the settings ask for (or auto's pick) and warm it up."""
+def load_served_model(
+    source: str, settings: ServeSettings, *, model_dir: Path, allow_pickle: bool, keep: str | None = None
+) -> ServedModel:
+    """Load a SOURCE with the backend the settings ask for (or auto's pick, or `keep`: see choose_backend); warm up."""
     folder = version_folder(source, model_dir)
     runtime, choice = choose_backend(
         source,
@@ -116,6 +118,7 @@ def load_served_model(source: str, settings: ServeSettings, *, model_dir: Path, 
         batch_size=settings.max_batch_size,
         model_dir=model_dir,
         allow_pickle=allow_pickle,
+        keep=keep,
     )
     name, version = runtime.info.name, runtime.info.version
     label = f"{name}@{version_dirname(int(version))}" if name and version is not None else source
