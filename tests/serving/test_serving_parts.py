@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from retrain.serving.batcher import Batcher
 from retrain.serving.hot_swap import check_watchable
 from retrain.serving.metrics import ServeMetrics
 from retrain.serving.served_model import load_served_model
+from retrain.serving.server import stop_cleanly_before_serving
 from retrain.serving.settings import ServeSettings
 
 CLASSES = ("cat", "dog", "fox")
@@ -125,3 +128,11 @@ def test_a_lone_image_goes_at_once_and_a_batch_waits_only_for_images_being_decod
 
     asyncio.run(scenario())
     assert model.batches == [1, 2]
+
+
+def test_sigterm_while_the_model_loads_stops_with_exit_0_and_restores_the_handler() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, stop_cleanly_before_serving():
+        os.kill(os.getpid(), signal.SIGTERM)  # what a supervisor cancelling a roll-out sends mid-load
+    assert stopped.value.code == 0  # a clean stop, not "killed by SIGTERM" (143)
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import signal
 import socket
 from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from retrain.errors import ConfigError
 from retrain.serving.settings import ServeSettings
+
+log = logging.getLogger("retrain")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -34,6 +38,25 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def stop_cleanly_before_serving() -> Iterator[None]:
+    """While the model loads and warms up, SIGTERM ends the process at once with exit 0: no request is in flight.
+
+    Without this, SIGTERM's default action would kill the process mid-load (status 143, as if it had failed), and a
+    supervisor that cancels a roll-out would read a clean stop as a crash.
+    """
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("SIGTERM before serving started: stopped (no request was in flight)")
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def bind(host: str, port: int) -> socket.socket:

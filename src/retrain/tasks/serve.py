@@ -16,7 +16,7 @@ from retrain.serving.backends import version_folder
 from retrain.serving.hot_swap import VersionWatcher, check_watchable
 from retrain.serving.metrics import ServeMetrics
 from retrain.serving.served_model import ModelSlot, load_served_model
-from retrain.serving.server import bind, run_server
+from retrain.serving.server import bind, run_server, stop_cleanly_before_serving
 from retrain.serving.settings import ServeSettings
 
 log = logging.getLogger("retrain")
@@ -32,7 +32,8 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     # The server rejects images over Pillow's pixel limit itself (a 413 naming the size); the warning is noise.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     load = partial(load_served_model, settings=settings, model_dir=model_dir, allow_pickle=bool(cfg.allow_pickle))
-    slot = ModelSlot(load(source))
+    with stop_cleanly_before_serving():
+        slot = ModelSlot(load(source))
     model = slot.model
     log.info(
         "%s: %s backend on %s, because %s", model.label, model.backend.kind, model.backend.device, model.backend.reason
