@@ -1,7 +1,7 @@
 """HTTP serving under load: `python serve.py` (dynamic batching) against the naive FastAPI server, in one run.
 
     python bench/serve.py            # 224 px ResNet18, JPEGs of three sizes, 400 requests per level, soak of 5,000
-    python bench/serve.py --quick    # a smoke run: 32 px, 24 requests per level, soak of 200; numbers meaningless
+    python bench/serve.py --quick    # a smoke run: 32 px, 12 requests per level, soak of 100; numbers meaningless
 
 The model is a registry version as `python export.py` leaves it: weights plus an ONNX export. Three servers run
 on this machine, each in its own process, on 127.0.0.1 only:
@@ -272,7 +272,7 @@ def main() -> None:
 
     args = parse_args(__doc__, extra)
     if args.quick:
-        args.requests, args.soak, args.image_size, args.max_seconds = 24, 200, 32, 120
+        args.requests, args.soak, args.image_size, args.max_seconds = 12, 100, 32, 120
     levels = (1, 8, 32)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
