@@ -26,7 +26,8 @@ def test_workers_leave_one_core_to_each_training_process(
 
 def fake_trainer(devices: int, device: str) -> SimpleNamespace:
     root = SimpleNamespace(root_device=torch.device(device))
-    return SimpleNamespace(num_devices=devices, world_size=devices, strategy=root)
+    fit_loop = SimpleNamespace(epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=0)))  # sampler epoch
+    return SimpleNamespace(num_devices=devices, world_size=devices, global_rank=0, strategy=root, fit_loop=fit_loop)
 
 
 def test_defaults_follow_the_trainer_the_module_is_attached_to(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import random
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from retrain.artifacts.metadata import Preprocessing
 from retrain.data.balance import BalancedSampler, check_sampler
@@ -19,6 +23,9 @@ from retrain.data.images import DRAFT_MARGIN, RANDOM_CROP_DRAFT_MARGIN, open_rgb
 from retrain.data.mixing import BatchMixing
 from retrain.data.splits import DataSplits
 from retrain.data.transforms import MIN_CROP_SCALE, eval_transforms, preprocessing, train_transforms
+from retrain.utils.ranks import every_rank, own_rank
+
+log = logging.getLogger("retrain")
 
 
 class ImageListDataset(Dataset):
@@ -42,6 +49,63 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return self.transform(self.load(path)), label
+
+    def state_dict(self) -> dict[str, Any]:
+        """The random state of the process that augments (a loader worker, or the main process without workers).
+
+        StatefulDataLoader asks each worker for it after every batch and keeps the one of the last batch served, so a
+        checkpoint taken mid-epoch resumes every worker's augmentation stream where it was. Tensors, tuples and ints
+        only: checkpoints stay loadable with weights_only=True.
+        """
+        kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+        return {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), position, has_gauss, gauss),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the random streams `state_dict` recorded (StatefulDataLoader calls it in each restarted worker)."""
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+
+
+class TrainLoader(StatefulDataLoader):
+    """The train loader: a StatefulDataLoader whose state_dict (position, sampler, each worker's random state)
+    Lightning saves in every checkpoint and restores on resume, so a run stopped mid-epoch continues it exactly.
+
+    Under DDP every rank's state goes into rank 0's checkpoint, and each rank resumes its own. A saved state it
+    cannot replay (another number of processes or loader workers) is set aside with a warning, and the epoch in
+    progress goes on in a fresh order, instead of failing inside torchdata.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """This loader's position; under DDP, every rank's (a collective: every rank saves a checkpoint at once)."""
+        return every_rank(super().state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume this rank's saved position, unless it cannot be replayed here."""
+        state, mismatch = own_rank(state_dict)
+        saved = saved_workers(state) if state is not None else None
+        if mismatch is None and saved is not None and saved != self.num_workers:
+            mismatch = f"run with {saved} loader worker(s), this run with {self.num_workers} (data.num_workers)"
+        if mismatch is not None:
+            log.warning(
+                "The checkpoint's train loader was %s: the epoch in progress goes on in a fresh order, so this "
+                "resume is not an exact replay. Fix: resume with the settings it was saved with for an exact one.",
+                mismatch,
+            )
+            return
+        super().load_state_dict(state)
+
+
+def saved_workers(state: dict[str, Any]) -> int | None:
+    """The number of worker processes of the loader a StatefulDataLoader state was taken from (None: no state)."""
+    if "_snapshot" in state:  # torchdata's multi-process state
+        return int(state["_snapshot"]["_main_snapshot"]["_num_workers"])
+    return 0 if state else None
 
 
 def usable_cores() -> int:
@@ -139,22 +203,22 @@ class ImageFolderDataModule(L.LightningDataModule):
             return trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         workers = self.num_workers
         dataset = self.dataset(split)
-        batch_size = self.batch_size if split == "train" else self.eval_batch_size
-        sampler = self.train_sampler() if split == "train" else None
-        return DataLoader(
+        train = split == "train"
+        batch_size = self.batch_size if train else self.eval_batch_size
+        loader_type = TrainLoader if train else DataLoader
+        return loader_type(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            drop_last=shuffle and self._full_batch(len(dataset), batch_size),
+            sampler=self.train_sampler() if train else None,
+            drop_last=train and self._full_batch(len(dataset), batch_size),
             num_workers=workers,
             pin_memory=self._pin(),
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
-            collate_fn=self.mixing if split == "train" else None,
+            collate_fn=self.mixing if train else None,
         )
 
     def _full_batch(self, images: int, batch_size: int) -> bool:
@@ -163,14 +227,21 @@ class ImageFolderDataModule(L.LightningDataModule):
         processes = self.trainer.world_size if self.trainer is not None else 1
         return images // max(1, processes) >= batch_size
 
-    def train_sampler(self) -> BalancedSampler | None:
-        """data.sampler=balanced: this rank's shard of each epoch's class-balanced draw; None: plain shuffling."""
-        if self.sampler != "balanced":
-            return None
+    def train_sampler(self) -> DistributedSampler:
+        """This rank's shard of each epoch's draw: a permutation (data.sampler=shuffle) or a class-balanced draw.
+
+        Either is a DistributedSampler seeded from (seed, epoch), also on one device: its order depends on nothing
+        but the epoch, so a resume draws the epoch it stopped in again, and StatefulDataLoader skips what was served.
+        Lightning neither replaces nor wraps it under DDP, and calls its set_epoch at every epoch start.
+        """
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        labels = [label for _, label in self.splits.samples["train"]]
-        sampler = BalancedSampler(labels, seed=self.seed, num_replicas=replicas, rank=rank)
+        train = self.splits.samples["train"]
+        sampler: DistributedSampler
+        if self.sampler == "balanced":
+            sampler = BalancedSampler([label for _, label in train], seed=self.seed, num_replicas=replicas, rank=rank)
+        else:
+            sampler = DistributedSampler(train, replicas, rank, shuffle=True, seed=self.seed)  # type: ignore[arg-type]
         if trainer is not None:  # Lightning draws a fit's first epoch before its set_epoch: after a resume, not 0
             progress = trainer.fit_loop.epoch_progress.current  # a _ProcessedTracker: what Lightning passes set_epoch
             sampler.set_epoch(progress.processed)  # type: ignore[attr-defined]
@@ -178,15 +249,15 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (or class-balanced) train batches, seeded per epoch, so resume replays them."""
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in file order."""
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
         """The test split, or val when the data has no test split."""
-        return self._loader("test" if "test" in self.splits.samples else "val", shuffle=False)
+        return self._loader("test" if "test" in self.splits.samples else "val")
 
     def predict_dataloader(self) -> DataLoader:
         """Same as test: predictions over the held-out split."""

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import ResNet
 
-from retrain.data.datamodule import ImageFolderDataModule, ImageListDataset
+from retrain.data.datamodule import ImageFolderDataModule, ImageListDataset, TrainLoader
 from retrain.errors import ConfigError
 from retrain.model.bn_adapt import resolve_bn_stats
 from retrain.model.extraction import extraction_batch_size, extraction_dtype, forward_context, image_batches
@@ -231,8 +231,9 @@ class FeatureCache(Callback):
         """A loader of (features, label) batches for `split`, batched and shuffled as the image loader would be."""
         entry = self._entry(split, images, trainer)
         batch_size = images.batch_size if split == "train" else images.eval_batch_size
-        sampler = images.train_sampler() if split == "train" else None  # data.sampler=balanced: the same draws
-        return DataLoader(
+        sampler = images.train_sampler() if split == "train" else None  # the draws the image loader would make
+        # Train: stateful like the image loader, so a checkpoint taken mid-epoch resumes at the next batch.
+        return (TrainLoader if split == "train" else DataLoader)(
             _CachedSplit(entry),
             batch_size=batch_size,
             shuffle=shuffle and sampler is None,

@@ -11,13 +11,17 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from retrain.errors import TrainingError
 from retrain.model.surgery import param_groups, set_bn_mode
+from retrain.utils.ranks import every_rank, own_rank
 
 log = logging.getLogger("retrain")
+
+# Where a checkpoint taken mid-epoch keeps the running state of the epoch's train metrics (`_epoch_metrics`).
+EPOCH_STATE_KEY = "retrain_epoch_metrics"
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]  # (optimizer, **extra): one-cycle also takes max_lr and total_steps
@@ -133,6 +137,10 @@ class ClassifierModule(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss()
         n = len(self.class_names)
         self.train_metrics = _metrics(n).clone(prefix="train/")
+        # The epoch's mean train loss as a metric object, not a logged tensor: its running state is the module's,
+        # so a checkpoint taken mid-epoch carries it (`on_save_checkpoint`) and a resume ends the epoch exactly.
+        self.train_loss = MeanMetric(nan_strategy="disable")  # a loss that is not finite stops in training_step
+        self._epoch_open = False  # whether train metrics hold a part of the current epoch (a step has run in it)
         self.val_metrics = _metrics(n).clone(prefix="val/")
         self.test_metrics = _metrics(n).clone(prefix="test/")
         if self.channels_last:
@@ -199,14 +207,18 @@ class ClassifierModule(L.LightningModule):
         if labels.ndim == 2:  # MixUp/CutMix class probabilities: score against the dominant class
             labels = labels.argmax(dim=1)
         metrics.update(logits, labels)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        if stage == "train":
+            self.train_loss(loss.detach(), len(labels))  # the batch's loss for the step, weighted into the epoch's
+            self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        else:
+            self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(labels))
         return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Cross-entropy on one batch; a loss that is not finite stops the run before it reaches the weights."""
         loss, _ = self._step(batch, self.train_metrics, "train")
+        self._epoch_open = True
         if not torch.isfinite(loss):
             raise TrainingError(self._diverged(float(loss.detach()), batch_idx))
         return loss
@@ -246,6 +258,7 @@ class ClassifierModule(L.LightningModule):
         """
         self.history.append(epoch_row(self.current_epoch, self.trainer.callback_metrics, validated=self._validated))
         self._validated = False
+        self._epoch_open = False
 
     def configure_optimizers(self) -> Any:
         """One parameter group per stage, fixed now, so resume and unfreezing never change the layout."""
@@ -272,11 +285,36 @@ class ClassifierModule(L.LightningModule):
         meta["metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         meta["history"] = self.history
         checkpoint["retrain"] = meta
+        if self._epoch_open:  # taken mid-epoch: the train metrics' running state, so the resumed epoch ends the same
+            running = {
+                name: {key: torch.as_tensor(value).detach().cpu().clone() for key, value in metric.metric_state.items()}
+                for name, metric in self._epoch_metrics().items()
+            }  # every state of these metrics is one tensor (no list states)
+            checkpoint[EPOCH_STATE_KEY] = every_rank(running)  # each rank's own sums (DDP)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the metric history on resume, and note which epoch the run continues with."""
+        """Restore the metric history (and a mid-epoch checkpoint's running train metrics) on resume, and note
+        which epoch the run continues with."""
         self.history = list(checkpoint.get("retrain", {}).get("history", []))
         self._resume_epoch = epochs_done(checkpoint)
+        self.train_loss.reset()  # nothing left over from before the restore (the LR finder's steps)
+        self.train_metrics.reset()  # (the collection's reset keeps its compute groups linked)
+        if EPOCH_STATE_KEY not in checkpoint:
+            self._epoch_open = False
+            return
+        running, mismatch = own_rank(checkpoint[EPOCH_STATE_KEY])
+        if mismatch is not None:
+            log.warning("The epoch's train metrics so far were %s: they count from the resume on.", mismatch)
+            running = {}
+        metrics = self._epoch_metrics()  # a fresh module's collection links its groups after its first update
+        for name, state in running.items():
+            for key, value in state.items():
+                setattr(metrics[name], key, value.to(metrics[name].device))
+        self._epoch_open = True
+
+    def _epoch_metrics(self) -> dict[str, Metric]:
+        """The metrics that accumulate over a training epoch, by logged name."""
+        return {"train/loss": self.train_loss, **dict(self.train_metrics.items(keep_base=False, copy_state=False))}
 
 
 def epochs_done(checkpoint: dict[str, Any]) -> int:

@@ -32,6 +32,8 @@ KNOWN_NOISE_WARNINGS = (
     r"The '\w+' does not have many workers",
     # Frozen stages keep BatchNorm in eval mode on purpose (model.train_bn=false), which Lightning flags.
     r"Found \d+ module\(s\) in eval mode at the start of training",
+    # torchdata's StatefulDataLoader (the train loader) still calls torch.set_vital, which torch deprecates.
+    r"'set_vital' is deprecated",
 )
 # Log records, by logger name and message substring: adverts for Lightning's cloud products, and MLflow's
 # note that it creates the experiment on a first run.
