@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from retrain.artifacts.formats import atomic_torch_save, reporting_disk_full, tensor_bytes
+from retrain.errors import ConfigError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,15 +49,34 @@ class VersionedCheckpoint(ModelCheckpoint):
     Example file name: ``resnet18-v003-20261127-epoch007-val_acc0.9512.ckpt``. The version is reserved by rank 0
     before training (``stamp``) and broadcast to the other ranks in ``setup``, so every rank agrees on the paths.
 
+    With ``save_last``, ``every_n_steps`` and ``every_n_minutes`` also rewrite last.ckpt inside an epoch (a
+    rolling checkpoint, atomic like every other): it carries the loader's position, so ``ckpt_path=last`` resumes
+    at the next batch after a crash that left no time for the SIGTERM checkpoint. The last batch of an epoch is
+    left to the end-of-epoch save that follows it.
+
     >>> cb = VersionedCheckpoint(monitor="val/acc", mode="max")
     >>> cb.stamp("resnet18", 3, dt.date(2026, 11, 27))
     >>> cb.filename
     'resnet18-v003-20261127-epoch{epoch:03d}-val_acc{val/acc:.4f}'
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, every_n_steps: int | None = None, every_n_minutes: float | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("auto_insert_metric_name", False)
+        # A run that goes on in its own folder rewrites its last.ckpt (and any same-named file), never `last-v1.ckpt`.
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
+        for key, value in (("every_n_steps", every_n_steps), ("every_n_minutes", every_n_minutes)):
+            if value is not None and not value > 0:
+                raise ConfigError(
+                    f"callbacks.checkpoint.{key}={value}: expected a positive number, or null for no rolling "
+                    f"last.ckpt inside an epoch. Fix: e.g. callbacks.checkpoint.{key}="
+                    f"{'500' if key == 'every_n_steps' else '30'}, or callbacks.checkpoint.{key}=null."
+                )
+        self.every_n_steps = every_n_steps
+        self.every_n_minutes = every_n_minutes
+        self._rolled_at = time.monotonic()  # when last.ckpt was last rewritten inside an epoch (or fit started)
         self._stamp: tuple[str, int, str] | None = None
 
     def stamp(self, name: str, version: int, date: dt.date | None = None) -> None:
@@ -72,10 +93,36 @@ class VersionedCheckpoint(ModelCheckpoint):
             metric = f"-{self.monitor.replace('/', '_')}{{{self.monitor}:.4f}}"
         self.filename = f"{name}-v{version:03d}-{day}-epoch{{epoch:03d}}{metric}"
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the clock of `every_n_minutes` with the fit."""
+        super().on_train_start(trainer, pl_module)
+        self._rolled_at = time.monotonic()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Save as Lightning does, then rewrite last.ckpt if `every_n_steps` or `every_n_minutes` says so."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._rolling_save_due(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._rolled_at = time.monotonic()
+
+    def _rolling_save_due(self, trainer: L.Trainer) -> bool:
+        if not self.save_last or (self.every_n_steps is None and self.every_n_minutes is None):
+            return False
+        if self._should_skip_saving_checkpoint(trainer) or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return False
+        due = self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
+        if self.every_n_minutes is not None:
+            due = due or time.monotonic() - self._rolled_at >= 60 * self.every_n_minutes
+            due = bool(trainer.strategy.broadcast(due, src=0))  # clocks differ across ranks; every rank must save
+        return due
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Save as Lightning does, then make sure last.ckpt is this epoch's (see `_refresh_last`)."""
         super().on_train_epoch_end(trainer, pl_module)
         self._refresh_last(trainer, at_train_epoch_end=True)
+        self._rolled_at = time.monotonic()  # last.ckpt is at most one epoch old: `every_n_minutes` counts from here
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Save as Lightning does, then make sure last.ckpt is this epoch's (see `_refresh_last`)."""

@@ -1,0 +1,69 @@
+"""callbacks.checkpoint.every_n_steps / every_n_minutes: last.ckpt rewritten inside an epoch, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from clitools import quiet_trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from retrain.callbacks.checkpoint import AtomicCheckpointIO, VersionedCheckpoint
+from retrain.errors import ConfigError
+
+
+class LastCheckpointSpy(L.Callback):
+    """Notes, as each batch starts, the global step last.ckpt was saved at (None: no file yet)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[int | None] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Read last.ckpt's step."""
+        exists = self.path.is_file()
+        self.seen.append(torch.load(self.path, weights_only=True)["global_step"] if exists else None)
+
+
+def fit(tmp_path: Path, **rolling: Any) -> list[int | None]:
+    """One epoch of 6 steps with a rolling last.ckpt; what the spy saw, then the final file's step."""
+    spy = LastCheckpointSpy(tmp_path / "last.ckpt")
+    checkpoint = VersionedCheckpoint(dirpath=tmp_path, monitor=None, save_top_k=0, save_last=True, **rolling)
+    trainer = quiet_trainer(
+        max_epochs=1,
+        limit_train_batches=6,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[spy, checkpoint],
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(BoringModel())
+    return [*spy.seen, torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"]]
+
+
+def test_every_n_steps_rewrites_last_ckpt_inside_the_epoch_and_leaves_the_last_batch_to_the_epoch_end(
+    tmp_path: Path,
+) -> None:
+    # Saved after steps 2 and 4; not after 6, the epoch's last, where the end-of-epoch save writes it.
+    assert fit(tmp_path, every_n_steps=2) == [None, None, 2, 2, 4, 4, 6]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp files, no last-v1.ckpt
+
+
+def test_every_n_minutes_rewrites_last_ckpt_once_the_time_has_passed(tmp_path: Path) -> None:
+    assert fit(tmp_path, every_n_minutes=1e-9) == [None, 1, 2, 3, 4, 5, 6]  # due after every step
+
+
+def test_without_either_last_ckpt_is_written_only_at_the_epoch_end(tmp_path: Path) -> None:
+    assert fit(tmp_path, every_n_minutes=None) == [None] * 6 + [6]
+
+
+@pytest.mark.parametrize("setting", [{"every_n_steps": 0}, {"every_n_minutes": -5}])
+def test_a_setting_that_is_not_positive_is_refused_with_the_fix(setting: dict[str, float]) -> None:
+    ((key, value),) = setting.items()
+    with pytest.raises(ConfigError, match=rf"callbacks.checkpoint.{key}={value}: expected a positive number.*Fix:"):
+        VersionedCheckpoint(monitor=None, **setting)
