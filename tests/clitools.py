@@ -87,8 +87,11 @@ class CliResult:
         return sorted((self.cwd / "logs" / task / "runs").glob("*/*"))
 
     def results(self, task: str = "train") -> dict:
-        """results.json of the newest run."""
-        return json.loads((self.runs(task)[-1] / "results.json").read_text())
+        """results.json of the newest run, or of the run it went on with (`ckpt_path=last`: continued_in.txt)."""
+        newest = self.runs(task)[-1]
+        continued = newest / "continued_in.txt"
+        run_dir = Path(continued.read_text().strip()) if continued.is_file() else newest
+        return json.loads((run_dir / "results.json").read_text())
 
 
 def run_cli(

@@ -5,6 +5,8 @@ The subprocess finds this module because the test puts tests/e2e on its PYTHONPA
 
 from __future__ import annotations
 
+import os
+import signal as signal_module
 import time
 from pathlib import Path
 from typing import Any
@@ -30,3 +32,21 @@ class RaiseOnRank(L.Callback):
         if trainer.global_rank == self.rank and batch_idx == self.batch:
             self.stamp.write_text(str(time.time()))
             raise RuntimeError(f"injected failure on rank {self.rank} at batch {batch_idx}")
+
+
+class SignalOnce(L.Callback):
+    """Send this process `signal` (a name: USR2, TERM) after optimizer step `step`, once across restarts of the job:
+    `marker` is created the first time. As a scheduler does shortly before a job's time limit."""
+
+    def __init__(self, step: int, signal: str, marker: str) -> None:
+        self.step = step
+        self.signal = signal
+        self.marker = Path(marker)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Signal at `step` unless an earlier start of the job did."""
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), getattr(signal_module, f"SIG{self.signal}"))

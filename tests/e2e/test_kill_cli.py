@@ -7,7 +7,7 @@ is inside a given epoch, or while the test on the best checkpoint is inside its 
 RETRAIN_TEST_HOLD_WRITE pauses a checkpoint write after its temp file is complete and before os.replace, and
 tells the test so through another FIFO.
 
-One chain of five runs of one model name in one folder:
+One chain of five runs of one model name in one folder; each `ckpt_path=last` goes on in run 1's run folder:
 1. a fresh run, SIGKILLed while reading epoch 1's images (epoch 0's checkpoints exist);
 2. `ckpt_path=last`, SIGKILLed inside its first checkpoint write;
 3. `ckpt_path=last` again (run 1's last.ckpt: run 2 left none), SIGTERMed inside epoch 1;
@@ -18,6 +18,7 @@ One chain of five runs of one model name in one folder:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import io
 import json
@@ -231,10 +232,24 @@ class Stage:
     unloadable: dict[str, str]
     registry: dict
     staging: list[str]  # the hidden .vNNN.partial folders of reservations left behind
-    run_dir: Path = field(init=False)
+    run_dir: Path = field(init=False)  # where it wrote: run 1's folder for every `ckpt_path=last`
+    # Right after it (later runs go on in the same folder): its checkpoints (name: mtime), results.json, and
+    # last.ckpt's epoch, step and parent.
+    checkpoints: dict[str, int] = field(init=False)
+    results: dict | None = field(init=False)
+    last: dict | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.run_dir = self.result.runs()[-1]
+        session = self.result.runs()[-1]
+        continued = session / "continued_in.txt"
+        self.run_dir = Path(continued.read_text().strip()) if continued.is_file() else session
+        self.checkpoints = {p.name: p.stat().st_mtime_ns for p in (self.run_dir / "checkpoints").glob("*.ckpt")}
+        results, last = self.run_dir / "results.json", self.run_dir / "checkpoints" / "last.ckpt"
+        self.results = json.loads(results.read_text()) if results.is_file() else None
+        self.last = None
+        if last.is_file():
+            checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+            self.last = {k: checkpoint[k] for k in ("epoch", "global_step")} | {"retrain": checkpoint["retrain"]}
 
 
 @pytest.fixture(scope="module")
@@ -266,10 +281,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Stage | dict]:
 def test_sigkill_inside_an_epoch_keeps_every_checkpoint_loadable(chain) -> None:
     killed = chain["epoch"]
     assert killed.result.returncode == -signal.SIGKILL, killed.result.output[-3000:]
-    checkpoints = killed.run_dir / "checkpoints"
-    assert (checkpoints / "last.ckpt").is_file()
-    assert len(list(checkpoints.glob(f"{NAME}-v002-*-epoch000-*.ckpt"))) == 1  # epoch 0 finished, epoch 1 did not
-    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 0
+    assert "last.ckpt" in killed.checkpoints
+    assert len(fnmatch.filter(killed.checkpoints, f"{NAME}-v002-*-epoch000-*.ckpt")) == 1  # epoch 0 done, 1 not
+    assert killed.last is not None and killed.last["epoch"] == 0
     assert killed.unloadable == {}
     assert killed.registry == chain["before"]
 
@@ -278,10 +292,10 @@ def test_sigkill_inside_a_checkpoint_write_leaves_no_partial_file(chain) -> None
     killed = chain["write"]
     assert killed.result.returncode == -signal.SIGKILL, killed.result.output[-3000:]
     # Paused inside its first write: the complete temp file under a hidden name, nothing under a real one.
-    names = [p.name for p in killed.seen_in_write]
-    assert len(names) == 1 and names[0].startswith(f".{NAME}-v003-") and names[0].endswith(".tmp"), names
-    assert killed.seen_in_write[0].parent == killed.run_dir / "checkpoints"
-    assert not list((killed.run_dir / "checkpoints").glob("*.ckpt"))
+    temps = [p for p in killed.seen_in_write if p.name.startswith(".")]
+    assert len(temps) == 1 and temps[0].name.startswith(f".{NAME}-v003-") and temps[0].name.endswith(".tmp"), temps
+    assert temps[0].parent == killed.run_dir / "checkpoints" == chain["epoch"].run_dir / "checkpoints"
+    assert killed.checkpoints == chain["epoch"].checkpoints  # run 1's files, untouched; nothing of run 2's
     assert killed.unloadable == {}
     assert killed.registry == chain["before"]
 
@@ -297,7 +311,8 @@ def stopped_on_sigterm(chain: dict, key: str, phase: str) -> dict:
     assert stopped.result.returncode == 143, output[-3000:]
     assert f"Stopped on SIGTERM in {phase}" in output
     assert "Traceback" not in output
-    results = json.loads((stopped.run_dir / "results.json").read_text())
+    results = stopped.results
+    assert results is not None
     assert results["status"] == "preempted" and results["phase"] == phase
     assert Path(results["checkpoint"]) == stopped.run_dir / "checkpoints" / "last.ckpt"
     assert results["resume_command"].endswith(f"name={NAME} ckpt_path=last") and results["resume_command"] in output
@@ -308,8 +323,8 @@ def stopped_on_sigterm(chain: dict, key: str, phase: str) -> dict:
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(chain) -> None:
-    results = stopped_on_sigterm(chain, "sigterm", "fit")
-    checkpoint = torch.load(results["checkpoint"], map_location="cpu", weights_only=True)
+    stopped_on_sigterm(chain, "sigterm", "fit")
+    checkpoint = chain["sigterm"].last
     assert checkpoint["epoch"] == 1 and BATCHES < checkpoint["global_step"] <= 2 * BATCHES  # inside epoch 1
     # ckpt_path=last skipped run 2 (it saved nothing) and resumed run 1's last.ckpt.
     parent = checkpoint["retrain"]["parent"]
@@ -319,23 +334,22 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(chain) -> None:
 
 def test_sigterm_in_the_test_after_fit_stops_with_143_and_says_how_to_finish(chain) -> None:
     # Lightning's test loop raises SIGTERMException, a SystemExit without a code: unhandled, that was exit 0.
-    results = stopped_on_sigterm(chain, "test", "test")
+    stopped_on_sigterm(chain, "test", "test")
     # Fit had finished: the preempted epoch of run 3 was completed, not repeated.
-    checkpoint = torch.load(results["checkpoint"], map_location="cpu", weights_only=True)
-    assert checkpoint["global_step"] == EPOCHS * BATCHES
+    assert chain["test"].last["global_step"] == EPOCHS * BATCHES
 
 
 def test_ckpt_path_last_after_the_interruptions_finishes_and_publishes(chain) -> None:
     resumed = chain["resume"]
     assert resumed.result.returncode == 0, resumed.result.output[-3000:]
-    results = resumed.result.results()
+    results = json.loads((resumed.run_dir / "results.json").read_text())
     assert results["status"] == "ok"
     assert results["global_step"] == EPOCHS * BATCHES
     assert [row["epoch"] for row in results["history"]] == list(range(EPOCHS))
     assert results["test"]["test/acc"] >= 0
     parent = results["metadata"]["parent"]
     assert Path(parent["path"]) == (chain["test"].run_dir / "checkpoints" / "last.ckpt").resolve()
-    assert not list(resumed.run_dir.rglob("*.ckpt"))  # fit was finished: straight to test and publish
+    assert resumed.checkpoints == chain["test"].checkpoints  # fit was finished: straight to test and publish
     assert resumed.unloadable == {}
     before, after = chain["before"], resumed.registry
     assert after["v001"] == before["v001"]

@@ -10,11 +10,17 @@ dies at once: no results.json, no hint, the reserved version left behind), and `
 ``SystemExit`` without a code: raised by the test Trainer after fit, it would end the process with exit 0 and
 nothing published. ``Preemption`` covers the whole span from fit to publish (see its docstring), and treats Ctrl-C
 (SIGINT) the same way, exiting 130: a KeyboardInterrupt would stop the run wherever it is, and Lightning then exits 1.
+
+Under submitit (``hydra/launcher=slurm``, ``submitit_local``) the job's time is nearly up when its requeue signal
+arrives (USR2, or $SUBMITIT_PREEMPT_SIGNAL). submitit's own handler requeues the job and exits at once, wherever
+training is; ``Preemption`` takes that signal like SIGTERM instead, and hands it to submitit's handler once
+last.ckpt is saved. The requeued job runs in the same folder and resumes from it (`tasks/train.resolve_resume`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -36,6 +42,11 @@ log = logging.getLogger("retrain")
 PREEMPTED_EXIT_CODE = 143
 # And by Ctrl-C (128 + 2), as `retrain` (cli/main.py) exits on one.
 INTERRUPTED_EXIT_CODE = 130
+
+
+def requeue_signal() -> int:
+    """The signal submitit sends a job shortly before its time limit, and requeues it on (USR2 unless set)."""
+    return int(getattr(signal, f"SIG{os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2')}", signal.SIGUSR2))
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -99,7 +110,9 @@ class Preemption:
     goes straight to test and publish. Installing the handler needs the main thread; elsewhere it is left alone.
 
     Ctrl-C (SIGINT) calls the SIGTERM handler in place, so it takes the same path (results.json ``"status":
-    "interrupted"``, exit 130). A second Ctrl-C stops at once, as a plain KeyboardInterrupt.
+    "interrupted"``, exit 130). A second Ctrl-C stops at once, as a plain KeyboardInterrupt. So does a scheduler's
+    requeue signal when a handler for it is installed (submitit's): the same stop, then that handler, which
+    requeues the job.
     """
 
     def __init__(
@@ -123,6 +136,8 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._note)
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+            if callable(signal.getsignal(requeue_signal())):  # submitit's: requeue the job, then exit
+                self._previous[requeue_signal()] = signal.signal(requeue_signal(), self._requeue)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -139,6 +154,14 @@ class Preemption:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.signal = signal.SIGINT
         log.warning("Ctrl-C: stopping after the current step, saving last.ckpt (Ctrl-C again stops at once)")
+        handler = signal.getsignal(signal.SIGTERM)  # while a Trainer runs, Lightning's: it calls _note in turn
+        (handler if callable(handler) else self._note)(signal.SIGTERM, frame)
+
+    def _requeue(self, signum: int, frame: FrameType | None) -> None:
+        if self.received:
+            return  # already stopping
+        self.signal = signum
+        log.warning("Requeue signal: stopping after the current step, saving last.ckpt, then requeuing the job")
         handler = signal.getsignal(signal.SIGTERM)  # while a Trainer runs, Lightning's: it calls _note in turn
         (handler if callable(handler) else self._note)(signal.SIGTERM, frame)
 
@@ -170,10 +193,13 @@ class Preemption:
                 how = "start again: no checkpoint was saved (no PreemptionCheckpoint, and checkpoint.save_last=false)"
             log.warning(
                 "Stopped on %s in %s at epoch %d, step %d; nothing was published. To finish, %s",
-                "Ctrl-C" if interrupted else "SIGTERM",
+                "Ctrl-C" if interrupted else signal.Signals(self.signal or signal.SIGTERM).name,
                 phase,
                 trainer.current_epoch,
                 trainer.global_step,
                 how,
             )
+        requeue = self._previous.get(requeue_signal())
+        if self.signal == requeue_signal() and callable(requeue):
+            requeue(requeue_signal(), None)  # submitit: requeue this job (same folder: it resumes), then exit
         raise SystemExit(INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,14 +62,29 @@ from retrain.utils import console
 from retrain.utils.hydra import output_dir
 from retrain.utils.io import write_json
 from retrain.utils.ranks import is_rank_zero
+from retrain.utils.run_dirs import continue_run, continued_run, first_logged_step, keep_earlier_metrics
 
 log = logging.getLogger("retrain")
 
 
+# results.json statuses of a run that stopped before its end, which a requeued job picks up (none: it was killed).
+UNFINISHED = (None, "preempted", "interrupted")
+
+
 def resolve_resume(cfg: DictConfig) -> Path | None:
-    """Turn `ckpt_path` (a path or `last`) into an existing checkpoint file, or explain what is missing."""
+    """Turn `ckpt_path` (a path or `last`) into an existing checkpoint file, or explain what is missing.
+
+    Without `ckpt_path`, a job that starts again in its own run folder (requeued by SLURM or submitit) resumes
+    from the last.ckpt it left there, unless its results.json says it ended otherwise than stopped.
+    """
     if cfg.ckpt_path is None:
-        return None
+        own = output_dir() / "checkpoints" / "last.ckpt"
+        results = output_dir() / "results.json"
+        status = json.loads(results.read_text()).get("status") if results.is_file() else None
+        if not own.is_file() or status not in UNFINISHED:
+            return None
+        log.info("This run folder holds the last.ckpt of an earlier start of this job (requeued): resuming from it")
+        return own
     if str(cfg.ckpt_path) == "last":
         runs = Path(cfg.paths.log_dir) / "train" / "runs" / str(cfg.name)
         candidates = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -213,13 +229,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(run_dir / "results.json", done)
         return done
     check_schedule_on_resume(cfg, resumed, resume_path)
+    resume_step = None  # going on in a run's folder: the logger step from which this session rewrites its metrics
+    if resumed is not None and (continued := continued_run(cfg, resume_path, run_dir)) is not None:
+        resume_step = first_logged_step(resumed.checkpoint or {})
+        continue_run(cfg, continued, run_dir, resume_step)
+        run_dir = continued
     data = _data_phase(cfg, run_dir, resumed)
     model = _model_phase(cfg, data, resumed, resume_path)
     _record_data(run_dir, data)
     reservation = _version_for_this_run(cfg)
     # A run that fails or is stopped (an error, Ctrl-C) drops its reservation; its number is never reused.
     with registry.held(reservation):
-        run = _trainer_phase(cfg, run_dir, resume_path, resumed, data, model, reservation)
+        run = _trainer_phase(cfg, run_dir, resume_path, resumed, data, model, reservation, resume_step)
         # SIGTERM from here to publish stops the run at the next step boundary with exit 143 (see Preemption).
         preemption = Preemption(run.trainer, run_dir, str(cfg.name), HydraConfig.get().overrides.task, reservation)
         with preemption:
@@ -331,8 +352,10 @@ def _trainer_phase(
     data: DataParts,
     model: ModelParts,
     reservation: registry.Reservation | None,
+    resume_step: int | None,
 ) -> Run:
-    """Wrap the network in the LightningModule (stamped with the reserved version), set up the cache and Trainer."""
+    """Wrap the network in the LightningModule (stamped with the reserved version), set up the cache and Trainer;
+    a run continued in its own folder keeps its metrics.csv up to `resume_step`."""
     callbacks = model.callbacks
     if reservation is not None:  # each epoch tells `registry gc` on other hosts that this run is alive
         callbacks.append(LambdaCallback(on_train_epoch_end=lambda *_: registry.keep_alive(reservation)))
@@ -357,6 +380,8 @@ def _trainer_phase(
         callbacks.append(adaptation)  # on fit start, before the cache extracts a feature
     lr_find = _tune_phase(cfg, module, fit_data, run_dir, resuming=resume_path is not None)
     loggers = make_loggers(cfg)
+    if resume_step is not None:
+        keep_earlier_metrics(loggers, resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
     log_run_facts(loggers, metadata)
     return Run(
