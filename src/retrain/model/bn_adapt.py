@@ -76,10 +76,11 @@ class _PooledMoments:
         self.sums = torch.zeros(2 * channels + 1, dtype=torch.float64)  # sum x, sum x^2, count
 
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].detach().float()
-        var, mean = torch.var_mean(x, dim=[d for d in range(x.ndim) if d != 1], correction=0)
-        n = x.numel() / x.shape[1]
-        self.sums += torch.cat([n * mean, n * (var + mean * mean), mean.new_tensor([n])]).to("cpu", torch.float64)
+        # Rows of channels: a view for channels-last inputs, whose column sums are contiguous reads (half the time
+        # of var_mean over dims (0, 2, 3), measured); the per-batch sums stay in float32, their total in float64.
+        rows = inputs[0].detach().movedim(1, -1).reshape(-1, inputs[0].shape[1]).float()
+        count = rows.new_tensor([rows.shape[0]])
+        self.sums += torch.cat([rows.sum(0), (rows * rows).sum(0), count]).to("cpu", torch.float64)
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
