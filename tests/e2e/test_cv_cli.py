@@ -1,8 +1,9 @@
 """k-fold cross-validation as a user runs it: `python train.py -m experiment=cv ... cv.refit=true`.
 
-One sweep of 2 folds and the refit, grouped by file number and marked not mirrorable, each job in 2 DDP processes: the sweep folder holds
-cv_summary.*, oof_predictions.csv (every train-pool image once, predicted by the fold that held it out) and its
-report; the registry holds one version, the refit's, with the CV mean and std and the fold runs in its metadata.
+One sweep of 2 folds and the refit, grouped by file number and marked not mirrorable, each job in 2 DDP
+processes: the sweep folder holds cv_summary.*, oof_predictions.csv (every train-pool image once, predicted by the
+fold that held it out) and its report; the registry holds one version, the refit's, with the CV mean and std and
+the fold runs in its metadata.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def test_cv_sweep_summarizes_predicts_every_pool_image_once_and_publishes_the_refit(
     tmp_path: Path, imagefolder: Path
 ) -> None:
+    # Each fold, and the refit, trains in 2 DDP processes: a user's trainer.devices=N.
     result = run_cli(
         "train.py", "-m", "experiment=cv", f"data.root={imagefolder}", "data.folds=2", "cv.refit=true",
         f"data.group_by='{GROUP_BY}'", "data.hflip=false", *FAST, "trainer.max_epochs=1",
         "trainer.limit_train_batches=2", "trainer=ddp_cpu", "trainer.devices=2", cwd=tmp_path, timeout=900,
-    )  # fmt: skip  (each fold, and the refit, trains in 2 DDP processes: a user's trainer.devices=N)
+    )  # fmt: skip
     assert_ok(result)
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").glob("*/*")
 
