@@ -11,7 +11,13 @@ import pytest
 from clitools import composed
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+# The quick runs that start several `python train.py`/`serve.py` processes (20-45 s each) run in `make test-slow`
+# (and `make bench BENCH_ARGS=--quick`); the others stay in `make test`.
+SLOW = {"checkpoint_overhead.py", "frozen_head.py", "serve.py", "train_throughput.py"}
+SCRIPTS = [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+    for name in sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+]
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
