@@ -31,7 +31,7 @@ test: $(STAMP)  ## build the docs (mkdocs --strict: a broken link fails), then r
 		status=$$?; rm -rf $$site; exit $$status
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --timeout=600 --durations=15 -m "not slow" tests
 
-test-slow: $(STAMP)  ## the tests `make test` leaves out: the benchmarks' multi-process --quick runs
+test-slow: $(STAMP)  ## the tests `make test` leaves out: the benchmarks' --quick runs and the notebook
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --timeout=600 -m slow tests
 
 lint: $(STAMP)  ## ruff (lint + format check) and mypy

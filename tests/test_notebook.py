@@ -27,6 +27,7 @@ def _text(notebook: nbformat.NotebookNode) -> str:
     )
 
 
+@pytest.mark.slow  # trains twice (~40 s of CPU); every step it shows has its own e2e test in `make test`
 def test_notebook_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RETRAIN_WORK", str(tmp_path / "work"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
