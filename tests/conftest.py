@@ -43,13 +43,32 @@ def _no_temp_files_after_a_green_run(
     """Remove this session's temp folder when every test passed: module-scoped runs keep 45-90 MB checkpoints there.
 
     tmp_path_retention_policy=failed (pyproject) already drops each passing test's own tmp_path. torch.compile's
-    kernel cache goes there too (inherited by the CLI subprocesses), instead of growing /tmp/torchinductor_<user> by
-    about half a GB a run.
+    kernel cache goes beside it (inherited by the CLI subprocesses), instead of growing /tmp/torchinductor_<user> by
+    about half a GB a run; `pytest_sessionfinish` removes it.
     """
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("torchinductor")))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_inductor_cache(tmp_path_factory)))
     yield
     if request.session.testsfailed == 0:
         shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
+
+
+def _inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One kernel cache for all xdist workers: each new cache first compiles Inductor's CPU probes (~12 s of CPU)."""
+    basetemp = tmp_path_factory.getbasetemp()
+    root = basetemp.parent if "PYTEST_XDIST_WORKER" in os.environ else basetemp  # workers': <root>/popen-gw<N>
+    (root / "torchinductor").mkdir(exist_ok=True)
+    return root / "torchinductor"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After a green run, the xdist controller removes the workers' shared kernel cache (each worker its own folder)."""
+    if exitstatus == 0 and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(session.config._tmp_path_factory.getbasetemp() / "torchinductor", ignore_errors=True)  # type: ignore[attr-defined]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The end-to-end files first: xdist hands out files in this order, so the longest ones no longer finish last."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: the order within each part stays
 
 
 @pytest.fixture(scope="session")

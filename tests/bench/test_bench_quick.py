@@ -11,13 +11,9 @@ import pytest
 from clitools import composed
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-# The quick runs that start several `python train.py`/`serve.py` processes (20-45 s each) run in `make test-slow`
-# (and `make bench BENCH_ARGS=--quick`); the others stay in `make test`.
-SLOW = {"checkpoint_overhead.py", "frozen_head.py", "serve.py", "train_throughput.py"}
-SCRIPTS = [
-    pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
-    for name in sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
-]
+# Benchmarks are not tests: their quick runs (10-45 s of CPU each, some starting several `python train.py` or
+# `serve.py` processes) run in `make test-slow` and `make bench BENCH_ARGS=--quick`, not in `make test`.
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -25,6 +21,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_runs_quick_and_prints_a_table_with_the_machine(script: str, tmp_path: Path) -> None:
     proc = run([sys.executable, str(BENCH / script), "--quick"], tmp_path)
@@ -45,6 +42,7 @@ def test_gpu_script_says_it_needs_cuda_when_there_is_none(tmp_path: Path) -> Non
     assert "no CUDA GPU" in proc.stderr and "make bench" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_code_runs_on_the_cpu_at_toy_sizes(tmp_path: Path) -> None:
     # No GPU here: --allow-cpu runs the model-bound code at toy sizes, so gpu.sh does not rot unseen. Its end-to-end
     # half calls train_throughput.py's plain() and retrain(), which that script's quick run above checks.
