@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,29 @@ def test_a_setting_that_is_not_positive_is_refused_with_the_fix(setting: dict[st
     ((key, value),) = setting.items()
     with pytest.raises(ConfigError, match=rf"callbacks.checkpoint.{key}={value}: expected a positive number.*Fix:"):
         VersionedCheckpoint(monitor=None, **setting)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EIO, "Input/output error")],
+    ids=["disk full", "I/O error"],
+)
+def test_a_rolling_save_that_fails_keeps_the_previous_last_ckpt_and_training_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: OSError
+) -> None:
+    save, calls = torch.save, []
+
+    def failing_second_write(obj: object, f: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) != 2:  # the rolling saves after steps 2 and 4, then the epoch end's
+            return save(obj, f, *args, **kwargs)
+        f.write(b"partial bytes")
+        raise error
+
+    monkeypatch.setattr(torch, "save", failing_second_write)
+    with caplog.at_level("WARNING", logger="retrain"):
+        seen = fit(tmp_path, every_n_steps=2)
+    assert seen == [None, None, 2, 2, 2, 2, 6]  # step 4's save failed: step 2's file stayed whole until the epoch end
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
+    (warning,) = [r.getMessage() for r in caplog.records if "rolling last.ckpt was not written" in r.getMessage()]
+    assert "at step 4" in warning and "intact and training goes on" in warning and "Fix:" in warning

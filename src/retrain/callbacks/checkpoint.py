@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +16,21 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from retrain.artifacts.formats import atomic_torch_save, reporting_disk_full, tensor_bytes
-from retrain.errors import ConfigError
+from retrain.errors import ConfigError, DiskFullError
+
+log = logging.getLogger("retrain")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temp file and renames it into place, so a kill never leaves half a file.
 
     A disk that fills up meanwhile is reported as one paragraph (DiskFullError), and the older files stay intact.
+    Inside `keeping_failures`, a write that fails for a reason of the disk is kept in a list instead of raised.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._failures: list[Exception] | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         """Save `checkpoint` to `path` atomically (temp file, fsync, os.replace)."""
@@ -30,9 +40,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             "which was removed."
         )
         then = "resume with ckpt_path=last (the newest last.ckpt of this run name)"
-        with reporting_disk_full(path.parent, tensor_bytes(checkpoint), f"the checkpoint {path.name}", intact, then):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(checkpoint, path)
+        try:
+            with reporting_disk_full(
+                path.parent, tensor_bytes(checkpoint), f"the checkpoint {path.name}", intact, then
+            ):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_torch_save(checkpoint, path)
+        except (OSError, RuntimeError, DiskFullError) as error:
+            if self._failures is None or not _from_the_disk(error):
+                raise
+            self._failures.append(error)
+
+    @contextlib.contextmanager
+    def keeping_failures(self) -> Iterator[list[Exception]]:
+        """Within: writes that fail for a reason of the disk are listed instead of raised (the rolling last.ckpt)."""
+        self._failures = []
+        try:
+            yield self._failures
+        finally:
+            self._failures = None
+
+
+def _from_the_disk(error: BaseException | None) -> bool:
+    """Whether a failed write came from the file system: a full disk, or any OSError (torch wraps it)."""
+    while error is not None:
+        if isinstance(error, (OSError, DiskFullError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def saved_epoch(path: str | Path) -> int | None:
@@ -77,6 +112,7 @@ class VersionedCheckpoint(ModelCheckpoint):
         self.every_n_steps = every_n_steps
         self.every_n_minutes = every_n_minutes
         self._rolled_at = time.monotonic()  # when last.ckpt was last rewritten inside an epoch (or fit started)
+        self._roll_failing = False  # the last rolling save failed (warned once until one succeeds)
         self._stamp: tuple[str, int, str] | None = None
 
     def stamp(self, name: str, version: int, date: dt.date | None = None) -> None:
@@ -104,8 +140,35 @@ class VersionedCheckpoint(ModelCheckpoint):
         """Save as Lightning does, then rewrite last.ckpt if `every_n_steps` or `every_n_minutes` says so."""
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._rolling_save_due(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._roll(trainer)
             self._rolled_at = time.monotonic()
+
+    def _roll(self, trainer: L.Trainer) -> None:
+        # A rolling save that fails (disk full, or any OSError) lets the run go on, with a warning. The save only
+        # insures against a crash; training is unharmed. Stopping would lose every step since the last good save
+        # for certain, while going on loses them only if the process also dies before the disk has room again:
+        # the next rolling save retries, and the end-of-epoch save, which the run cannot do without, still stops
+        # it with the DiskFullError. The write is atomic: the last.ckpt already there stays whole. Failures are
+        # caught inside the write (rank 0's), so every rank still meets at Lightning's barrier after it.
+        io = trainer.strategy.checkpoint_io
+        if not isinstance(io, AtomicCheckpointIO):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        with io.keeping_failures() as failed:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if failed and not self._roll_failing:
+            cause = str(failed[0]).split(". ", 1)[0].splitlines()[0]  # DiskFullError's first sentence, or the OSError
+            log.warning(
+                "The rolling last.ckpt was not written at step %d (%s); the last.ckpt already in %s is intact and "
+                "training goes on: the next rolling save tries again. Fix: make room there before the epoch ends, "
+                "as the end-of-epoch checkpoint stops the run if it cannot be written.",
+                trainer.global_step,
+                cause,
+                self.dirpath,
+            )
+        elif self._roll_failing and not failed:
+            log.info("The rolling last.ckpt was written again at step %d", trainer.global_step)
+        self._roll_failing = bool(failed)
 
     def _rolling_save_due(self, trainer: L.Trainer) -> bool:
         if not self.save_last or (self.every_n_steps is None and self.every_n_minutes is None):
