@@ -86,6 +86,39 @@ def test_truncated_files_are_reported_as_damaged(tmp_path, name: str, make: Call
     assert "Traceback" not in message
 
 
+def _flip(path: Path, at: int) -> Path:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("where", ["a weight", "the pickle"])
+def test_a_checkpoint_edited_after_it_was_written_is_refused(tmp_path, where: str):
+    path = _zip_ckpt(tmp_path / "last.ckpt")
+    data = path.read_bytes()
+    # torch.load checks no checksum: a changed weight would load silently, as a model nobody trained.
+    at = data.index(torch.ones(1).numpy().tobytes() * 8) if where == "a weight" else data.index(b"state_dict")
+    message = read_fails(_flip(path, at), "was changed after it was written")
+    assert "CRC-32" in message
+
+
+def test_a_checkpoint_saved_without_checksums_still_loads(tmp_path):
+    from torch.utils.serialization import config
+
+    config.save.compute_crc32 = False  # torch then records CRC 0 for every entry
+    try:
+        path = _zip_ckpt(tmp_path / "last.ckpt")
+    finally:
+        config.save.compute_crc32 = True
+    assert read_artifact(path).kind == "lightning"
+
+
+def test_a_checkpoint_whose_zip_directory_is_damaged_is_reported_not_raised(tmp_path):
+    path = _zip_ckpt(tmp_path / "last.ckpt")
+    read_fails(_flip(path, len(path.read_bytes()) - 100), "truncated or corrupt")  # was a raw UnicodeDecodeError
+
+
 def test_safetensors_cut_inside_its_header(tmp_path):
     path = _safetensors(tmp_path / "model.safetensors")
     path.write_bytes(path.read_bytes()[:20])
