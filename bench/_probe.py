@@ -34,11 +34,15 @@ class ThroughputProbe(L.Callback):
         self.cpu_start = self.cpu_end = 0.0
         self.images = 0
         self.peak = 0.0
+        self.made_at = time.time()  # built with the Trainer: after imports, config, data scan and model (startup.py)
+        self.first_batch_at = 0.0  # when the first batch reached training: bench/startup.py's end point
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Start the clock at the first timed batch."""
+        """Note when training begins; start the clock at the first timed batch."""
+        if not self.first_batch_at:
+            self.first_batch_at = time.time()
         if batch_idx == self.warmup and self.start is None:
             _sync()
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
@@ -68,5 +72,7 @@ class ThroughputProbe(L.Callback):
             "peak_rss_mib": self.peak,
             "workers": getattr(loader, "num_workers", None),
             "precision": str(trainer.precision),
+            "made_at": self.made_at,
+            "first_batch_at": self.first_batch_at,
         }
         self.out.write_text(json.dumps(figures))

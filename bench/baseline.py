@@ -34,6 +34,7 @@ class Throughput:
     cpu_seconds: float  # of this process alone: with one thread and no workers, immune to other load
     peak_rss_mib: float
     workers: int
+    first_batch_at: float  # time.time() when the first batch left the loader: bench/startup.py's end point
 
 
 def default_workers(cores: int) -> int:
@@ -84,8 +85,10 @@ def plain_loop(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     model.train()
 
-    images, start, cpu, step = 0, time.perf_counter(), time.process_time(), -1
+    images, start, cpu, step, first_batch_at = 0, time.perf_counter(), time.process_time(), -1, 0.0
     for step, (inputs, labels) in enumerate(loader):
+        if step == 0:
+            first_batch_at = time.time()
         if step == warmup:  # the clock starts once the first batches (and the lazy allocations) are behind us
             if cuda:
                 torch.cuda.synchronize()
@@ -108,7 +111,7 @@ def plain_loop(
         raise ValueError(
             f"{root}/train holds {len(dataset)} images; {warmup + steps} batches of {batch_size} need more"
         )
-    return Throughput(images / seconds, images, seconds, cpu, peak_rss_mib(), workers)
+    return Throughput(images / seconds, images, seconds, cpu, peak_rss_mib(), workers, first_batch_at)
 
 
 def main() -> None:
