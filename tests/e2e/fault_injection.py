@@ -36,17 +36,22 @@ class RaiseOnRank(L.Callback):
 
 class SignalOnce(L.Callback):
     """Send this process `signal` (a name: USR2, TERM) after optimizer step `step`, once across restarts of the job:
-    `marker` is created the first time. As a scheduler does shortly before a job's time limit."""
+    `marker` is created the first time. As a scheduler does shortly before a job's time limit. Under DDP, `rank`
+    picks the one process that gets it (as `kill <pid>` of the launching process does); None: the first to get there.
+    """
 
-    def __init__(self, step: int, signal: str, marker: str) -> None:
+    def __init__(self, step: int, signal: str, marker: str, rank: int | None = None) -> None:
         self.step = step
         self.signal = signal
         self.marker = Path(marker)
+        self.rank = rank
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Signal at `step` unless an earlier start of the job did."""
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if trainer.global_step == self.step and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), getattr(signal_module, f"SIG{self.signal}"))

@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from retrain.artifacts import registry
@@ -63,6 +64,46 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(self, dirpath: str, filename: str = "last") -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.saved_path: Path | None = None
+        self._noted: bool | None = None  # under DDP: whether this rank got a stop signal (None: not taken over)
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Under DDP, note stop signals instead of Lightning (see `_take_over_sigterm`)."""
+        self._take_over_sigterm(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Under DDP, note stop signals instead of Lightning (see `_take_over_sigterm`)."""
+        self._take_over_sigterm(trainer)
+
+    def _take_over_sigterm(self, trainer: L.Trainer) -> None:
+        # Under DDP, Lightning's SIGTERM handler broadcasts from inside the handler (Lightning #20825): that
+        # collective lands among whatever the ranks run at that moment (a checkpoint callback's broadcast, the
+        # gradient all-reduce) and gloo aborts on the mismatch; and each rank stops on its own flag, so a rank that
+        # sees the signal a step later deadlocks the others (#20806). Here the handler only notes the signal; after
+        # every step the ranks agree (`on_train_batch_end`) and all stop at the same one, whichever rank got it.
+        taken = self._noted is not None
+        if trainer.world_size < 2 or taken or threading.current_thread() is not threading.main_thread():
+            return
+        # The handler Lightning found and calls after its own (Preemption's): called here in turn.
+        chained: Any = trainer._signal_connector._original_handlers.get(signal.SIGTERM)
+
+        def note(signum: int, frame: FrameType | None) -> None:
+            self._noted = True
+            if callable(chained):
+                chained(signum, frame)
+
+        self._noted = False
+        signal.signal(signal.SIGTERM, note)  # Lightning's teardown puts back the handler it found
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Under DDP, stop every rank after this step if any rank got a stop signal."""
+        if self._noted is not None and trainer.strategy.reduce_boolean_decision(self._noted, all=False):
+            trainer._signal_connector.received_sigterm = True  # Lightning's loops raise SIGTERMException on it
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Let the next fit take the signal over again."""
+        self._noted = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Save the checkpoint if the exception is Lightning's stop on SIGTERM (any other error saves nothing)."""
@@ -110,9 +151,12 @@ class Preemption:
     goes straight to test and publish. Installing the handler needs the main thread; elsewhere it is left alone.
 
     Ctrl-C (SIGINT) calls the SIGTERM handler in place, so it takes the same path (results.json ``"status":
-    "interrupted"``, exit 130). A second Ctrl-C stops at once, as a plain KeyboardInterrupt. So does a scheduler's
-    requeue signal when a handler for it is installed (submitit's): the same stop, then that handler, which
-    requeues the job.
+    "interrupted"``, exit 130). So does a scheduler's requeue signal when a handler for it is installed
+    (submitit's): the same stop, then that handler, which requeues the job. A Ctrl-C after a SIGTERM or a requeue
+    signal makes the coming stop an interrupted one (no requeue: the person at the terminal asked to stop). A
+    second Ctrl-C stops at once, mid-step, as a plain KeyboardInterrupt (`forced`: the run ends as interrupted, from
+    the checkpoint saved before), unless the stop has begun: last.ckpt is then being written, and cutting that
+    short would lose it.
     """
 
     def __init__(
@@ -130,6 +174,8 @@ class Preemption:
         self.reservation = reservation
         self.received = False
         self.signal: int | None = None  # the first stop signal: SIGTERM or SIGINT
+        self.forced = False  # a second Ctrl-C stopped the run mid-step (Lightning then exits 1; `stop` says 130)
+        self._stopping = False  # `stop` has begun
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Preemption:
@@ -150,7 +196,11 @@ class Preemption:
         self.signal = self.signal or signum
 
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
-        if self.received:
+        if self._stopping or self.trainer.state.status == TrainerStatus.INTERRUPTED:  # last.ckpt is being written
+            log.warning("Ctrl-C: already stopping; last.ckpt and results.json are being written, a moment")
+            return
+        if self.signal == signal.SIGINT:
+            self.forced = True
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.signal = signal.SIGINT
         log.warning("Ctrl-C: stopping after the current step, saving last.ckpt (Ctrl-C again stops at once)")
@@ -172,6 +222,7 @@ class Preemption:
 
     def stop(self, phase: str, checkpoint: Path | None) -> NoReturn:
         """Abandon the reserved version, record the stop in results.json, log how to finish, exit 143 (130)."""
+        self._stopping = True
         if self.reservation is not None:
             registry.abandon(self.reservation)
         trainer = self.trainer
@@ -191,9 +242,12 @@ class Preemption:
                 how = f"resume from {checkpoint} with: {command}"
             else:
                 how = "start again: no checkpoint was saved (no PreemptionCheckpoint, and checkpoint.save_last=false)"
+            stopped_on = "Ctrl-C" if interrupted else signal.Signals(self.signal or signal.SIGTERM).name
+            if self.forced:  # mid-step, so no checkpoint of this step: the steps after the one named are lost
+                stopped_on = "a second Ctrl-C, at once (the steps after the checkpoint below are trained again)"
             log.warning(
                 "Stopped on %s in %s at epoch %d, step %d; nothing was published. To finish, %s",
-                "Ctrl-C" if interrupted else signal.Signals(self.signal or signal.SIGTERM).name,
+                stopped_on,
                 phase,
                 trainer.current_epoch,
                 trainer.global_step,

@@ -62,7 +62,13 @@ from retrain.utils import console
 from retrain.utils.hydra import output_dir
 from retrain.utils.io import write_json
 from retrain.utils.ranks import is_rank_zero
-from retrain.utils.run_dirs import continue_run, continued_run, first_logged_step, keep_earlier_metrics
+from retrain.utils.run_dirs import (
+    continue_run,
+    continued_run,
+    first_logged_step,
+    keep_earlier_metrics,
+    newest_last_checkpoint,
+)
 
 log = logging.getLogger("retrain")
 
@@ -79,21 +85,21 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
     """
     if cfg.ckpt_path is None:
         own = output_dir() / "checkpoints" / "last.ckpt"
-        results = output_dir() / "results.json"
-        status = json.loads(results.read_text()).get("status") if results.is_file() else None
+        earlier = _earlier_results(output_dir() / "results.json")
+        status = earlier.get("status")
+        if status in ("preempted", "interrupted") and earlier.get("checkpoint") == str(own) and not own.is_file():
+            raise ConfigError(
+                f"This run folder's results.json says the run stopped ({status}) and saved {own}, which is gone "
+                "(deleted or moved?). Expected it, to go on from there: starting over here would write over that "
+                f"run. Fix: put the file back and start the job again; or, to start over in this folder, delete "
+                f"{output_dir() / 'results.json'}."
+            )
         if not own.is_file() or status not in UNFINISHED:
             return None
         log.info("This run folder holds the last.ckpt of an earlier start of this job (requeued): resuming from it")
         return own
     if str(cfg.ckpt_path) == "last":
-        runs = Path(cfg.paths.log_dir) / "train" / "runs" / str(cfg.name)
-        candidates = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise ConfigError(
-                f"ckpt_path=last found no last.ckpt under {runs}/*/checkpoints/. Expected an earlier run named "
-                f"{cfg.name!r}. Fix: pass name=<the earlier run's name>, or ckpt_path=/path/to/file.ckpt."
-            )
-        return candidates[-1]
+        return newest_last_checkpoint(Path(cfg.paths.log_dir) / "train" / "runs" / str(cfg.name), str(cfg.name))
     path = Path(str(cfg.ckpt_path)).expanduser().resolve()
     if not path.is_file():
         nearby = sorted(p.name for p in path.parent.glob("*.ckpt"))[:10] if path.parent.is_dir() else []
@@ -103,6 +109,18 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
             "Fix: pass an existing file, or ckpt_path=last for the newest last.ckpt of this run name."
         )
     return path
+
+
+def _earlier_results(path: Path) -> dict[str, Any]:
+    """What an earlier start of this job recorded in its results.json ({} when there is none, or it is unreadable)."""
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        log.warning("%s could not be read (%s): taken as a job that left no results", path, error)
+        return {}
+    return results if isinstance(results, dict) else {}
 
 
 def _parent(artifact: Artifact | None, source: str | None, how: str) -> dict[str, Any] | None:
@@ -414,6 +432,11 @@ def _fit_phase(run: Run, preemption: Preemption) -> None:
     except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt
         last = preemption_checkpoint(run.model.callbacks) or _resume_point(run.checkpoints, run.resume_path)
         preemption.stop("fit", last)
+    except SystemExit:
+        if not preemption.forced:
+            raise
+        # A second Ctrl-C stopped fit mid-step and Lightning exited 1: end as interrupted, from the last save.
+        preemption.stop("fit", _resume_point(run.checkpoints, run.resume_path))
     raise_if_trained_nothing(run.trainer, len(run.data.splits.samples["train"]), run.data.datamodule.batch_size)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # test and publish run in rank 0 alone
@@ -442,6 +465,10 @@ def _test_phase(run: Run, preemption: Preemption) -> dict[str, float]:
         out = tester.test(run.module, datamodule=run.fit_data, verbose=False)
     except SIGTERMException:  # the test loop stops between batches, as fit's do
         preemption.stop("test", last)
+    except SystemExit:
+        if not preemption.forced:
+            raise
+        preemption.stop("test", last)  # a second Ctrl-C stopped the test at once (Lightning exited 1)
     metrics = {k: float(v) for k, v in out[0].items()} if out else {}
     _log_at_end_of_fit(run.loggers, run.trainer, metrics)
     return metrics

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, open_dict
 
+from retrain.errors import ConfigError
 from retrain.utils.ranks import is_rank_zero
 
 log = logging.getLogger("retrain")
@@ -44,6 +45,61 @@ def continued_run(cfg: DictConfig, resume_path: Path | None, session_dir: Path) 
     if is_rank_zero() and any(o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra):
         return None
     return folder
+
+
+def newest_last_checkpoint(runs: Path, name: str) -> Path:
+    """The file `ckpt_path=last` resumes: the newest `<runs>/*/checkpoints/last.ckpt`, unless a newer run lost its own.
+
+    Going on with an older run's last.ckpt when the newest run's is gone (deleted, or its folder moved) would resume
+    another run, in that run's folder, as if it were the one asked for. So a run folder whose checkpoints/ changed
+    after that file and holds no last.ckpt, or a newer session whose continued_in.txt names a folder that no longer
+    exists, stops the resume with an error naming both. A continued_in.txt that names no folder is only a note
+    (nothing reads it to resume): it is ignored.
+    """
+    found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    newest = found[-1] if found else None
+    since = newest.stat().st_mtime if newest else float("-inf")
+    folders = sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    lost = [loss for folder in folders if (loss := _lost_after(folder, since))]
+    if lost:
+        _, what, others = max(lost)
+        fixes = [f"ckpt_path={others[-1]} goes on from that run's newest other checkpoint"] if others else []
+        if newest is not None:
+            fixes.append(f"ckpt_path={newest} goes on with the older run")
+        fixes.append("leaving ckpt_path out starts a new run")
+        older = f"{newest}, an older run's" if newest else "none"
+        raise ConfigError(
+            f"ckpt_path=last: {what}; the newest last.ckpt of {name!r} left is {older}. Expected the newest run's "
+            "own last.ckpt: going on with another run's would resume a different run as if it were this one. "
+            f"Fix: put the missing file or folder back and run the same command again; or {'; or '.join(fixes)}."
+        )
+    if newest is None:
+        raise ConfigError(
+            f"ckpt_path=last found no last.ckpt under {runs}/*/checkpoints/. Expected an earlier run named "
+            f"{name!r}. Fix: pass name=<the earlier run's name>, or ckpt_path=/path/to/file.ckpt."
+        )
+    return newest
+
+
+def _lost_after(folder: Path, since: float) -> tuple[float, str, list[Path]] | None:
+    """When and how `folder` shows a run newer than `since` whose last.ckpt is gone, and the checkpoints left."""
+    checkpoints = folder / "checkpoints"
+    if checkpoints.is_dir() and not (checkpoints / "last.ckpt").exists() and checkpoints.stat().st_mtime > since:
+        others = sorted(checkpoints.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        what = f"the newest run, {folder}, has no checkpoints/last.ckpt (deleted or moved?)"
+        return checkpoints.stat().st_mtime, what, others
+    note = folder / CONTINUED_NOTE
+    if note.is_file() and note.stat().st_mtime > since:
+        try:
+            text = note.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        target = Path(text)
+        names_a_folder = target.is_absolute() and "\n" not in text and target != Path(target.anchor)
+        if names_a_folder and not target.exists():
+            what = f"the newest session, {folder}, went on in {target} ({CONTINUED_NOTE}), which no longer exists"
+            return note.stat().st_mtime, what, []
+    return None
 
 
 def first_logged_step(checkpoint: dict[str, Any]) -> int:
