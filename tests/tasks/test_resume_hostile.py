@@ -23,7 +23,8 @@ import retrain.tasks.common as common
 import retrain.tasks.train as train_task
 from retrain.callbacks.preemption import INTERRUPTED_EXIT_CODE
 from retrain.errors import ConfigError
-from retrain.tasks.train import resolve_resume, train
+from retrain.tasks.resume import resolve_resume
+from retrain.tasks.train import train
 from retrain.utils.hydra import run_task
 
 SETTINGS = (

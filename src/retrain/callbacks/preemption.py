@@ -14,7 +14,7 @@ nothing published. ``Preemption`` covers the whole span from fit to publish (see
 Under submitit (``hydra/launcher=slurm``, ``submitit_local``) the job's time is nearly up when its requeue signal
 arrives (USR2, or $SUBMITIT_PREEMPT_SIGNAL). submitit's own handler requeues the job and exits at once, wherever
 training is; ``Preemption`` takes that signal like SIGTERM instead, and hands it to submitit's handler once
-last.ckpt is saved. The requeued job runs in the same folder and resumes from it (`tasks/train.resolve_resume`).
+last.ckpt is saved. The requeued job runs in the same folder and resumes from it (`tasks/resume.resolve_resume`).
 """
 
 from __future__ import annotations

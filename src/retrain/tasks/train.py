@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ from retrain.data.balance import loss_weights
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.splits import DataSplits
 from retrain.data.summary import log_weights_origin
-from retrain.errors import ConfigError
 from retrain.export.qat import finish_qat, start_qat
 from retrain.inference.deploy_info import deploy_info
 from retrain.model.bn_adapt import adaptation_for, bn_stats_record
@@ -57,6 +55,7 @@ from retrain.tasks.guards import (
     finished_and_published,
     raise_if_trained_nothing,
 )
+from retrain.tasks.resume import resolve_resume, resume_point
 from retrain.tuning import find_lr, lr_set_by_user
 from retrain.utils import console
 from retrain.utils.hydra import output_dir
@@ -67,74 +66,14 @@ from retrain.utils.run_dirs import (
     continued_run,
     first_logged_step,
     keep_earlier_metrics,
-    newest_last_checkpoint,
 )
 
 log = logging.getLogger("retrain")
 
 
-# results.json statuses of a run that stopped before its end, which a requeued job picks up (none: it was killed).
-UNFINISHED = (None, "preempted", "interrupted")
-
-
-def resolve_resume(cfg: DictConfig) -> Path | None:
-    """Turn `ckpt_path` (a path or `last`) into an existing checkpoint file, or explain what is missing.
-
-    Without `ckpt_path`, a job that starts again in its own run folder (requeued by SLURM or submitit) resumes
-    from the last.ckpt it left there, unless its results.json says it ended otherwise than stopped.
-    """
-    if cfg.ckpt_path is None:
-        own = output_dir() / "checkpoints" / "last.ckpt"
-        earlier = _earlier_results(output_dir() / "results.json")
-        status = earlier.get("status")
-        if status in ("preempted", "interrupted") and earlier.get("checkpoint") == str(own) and not own.is_file():
-            raise ConfigError(
-                f"This run folder's results.json says the run stopped ({status}) and saved {own}, which is gone "
-                "(deleted or moved?). Expected it, to go on from there: starting over here would write over that "
-                f"run. Fix: put the file back and start the job again; or, to start over in this folder, delete "
-                f"{output_dir() / 'results.json'}."
-            )
-        if not own.is_file() or status not in UNFINISHED:
-            return None
-        log.info("This run folder holds the last.ckpt of an earlier start of this job (requeued): resuming from it")
-        return own
-    if str(cfg.ckpt_path) == "last":
-        return newest_last_checkpoint(Path(cfg.paths.log_dir) / "train" / "runs" / str(cfg.name), str(cfg.name))
-    path = Path(str(cfg.ckpt_path)).expanduser().resolve()
-    if not path.is_file():
-        nearby = sorted(p.name for p in path.parent.glob("*.ckpt"))[:10] if path.parent.is_dir() else []
-        hint = f" .ckpt files in that folder: {nearby}." if nearby else ""
-        raise ConfigError(
-            f"ckpt_path={path} does not exist.{hint} Expected a Lightning checkpoint of an earlier run. "
-            "Fix: pass an existing file, or ckpt_path=last for the newest last.ckpt of this run name."
-        )
-    return path
-
-
-def _earlier_results(path: Path) -> dict[str, Any]:
-    """What an earlier start of this job recorded in its results.json ({} when there is none, or it is unreadable)."""
-    if not path.is_file():
-        return {}
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
-        log.warning("%s could not be read (%s): taken as a job that left no results", path, error)
-        return {}
-    return results if isinstance(results, dict) else {}
-
-
 def _parent(artifact: Artifact | None, source: str | None, how: str) -> dict[str, Any] | None:
     """Lineage: which file this run was initialised (`init_from`) or resumed from."""
     return None if artifact is None else {**parent_record(str(source), artifact), "how": how}
-
-
-def _resume_point(checkpoints: list[VersionedCheckpoint], resume_path: Path | None) -> Path | None:
-    """What a rerun after a SIGTERM resumes from: the last.ckpt this run wrote, else the file it resumed from.
-
-    A run that resumed a finished fit writes no checkpoint at all, and Lightning does not carry `last_model_path`
-    over from another run's folder.
-    """
-    return next((Path(cb.last_model_path) for cb in checkpoints if cb.last_model_path), resume_path)
 
 
 def _version_for_this_run(cfg: DictConfig) -> registry.Reservation | None:
@@ -430,13 +369,13 @@ def _fit_phase(run: Run, preemption: Preemption) -> None:
     try:
         run.trainer.fit(run.module, datamodule=run.fit_data, ckpt_path=run.resume_path)
     except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt
-        last = preemption_checkpoint(run.model.callbacks) or _resume_point(run.checkpoints, run.resume_path)
+        last = preemption_checkpoint(run.model.callbacks) or resume_point(run.checkpoints, run.resume_path)
         preemption.stop("fit", last)
     except SystemExit:
         if not preemption.forced:
             raise
         # A second Ctrl-C stopped fit mid-step and Lightning exited 1: end as interrupted, from the last save.
-        preemption.stop("fit", _resume_point(run.checkpoints, run.resume_path))
+        preemption.stop("fit", resume_point(run.checkpoints, run.resume_path))
     raise_if_trained_nothing(run.trainer, len(run.data.splits.samples["train"]), run.data.datamodule.batch_size)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # test and publish run in rank 0 alone
@@ -457,7 +396,7 @@ def _test_phase(run: Run, preemption: Preemption) -> dict[str, float]:
     """Score the test split once, in one process (`test=false` skips it)."""
     if not run.cfg.test:
         return {}
-    last = _resume_point(run.checkpoints, run.resume_path)
+    last = resume_point(run.checkpoints, run.resume_path)
     tester = single_device_trainer(run.cfg.trainer)  # its own loggers would put the test at epoch 0, step 0
     preemption.stop_if_received("test", last)
     out: list[Any] = []
@@ -492,7 +431,7 @@ def _publish_phase(run: Run, preemption: Preemption, best: VersionedCheckpoint |
         loader = run.data.datamodule.val_dataloader()
         results["qat"] = finish_qat(module.model, info, run.run_dir / "exports", loader, run.model.qat)
     # From here on a SIGTERM waits for the ~1 s publish.
-    preemption.stop_if_received("publish", _resume_point(run.checkpoints, run.resume_path))
+    preemption.stop_if_received("publish", resume_point(run.checkpoints, run.resume_path))
     best_path = Path(best.best_model_path) if best else None
     if run.reservation is not None:
         results["registry"] = publish_version(
