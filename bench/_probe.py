@@ -36,6 +36,10 @@ class ThroughputProbe(L.Callback):
         self.peak = 0.0
         self.made_at = time.time()  # built with the Trainer: after imports, config, data scan and model (startup.py)
         self.first_batch_at = 0.0  # when the first batch reached training: bench/startup.py's end point
+        # Seconds from the end of batch b (this callback's hook: Lightning runs checkpoint callbacks after it, so a
+        # rolling save falls inside) to the start of batch b + 1, keyed by b: checkpoint_overhead.py's per-save cost.
+        self.gaps: dict[int, float] = {}
+        self._ended_at: float | None = None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -43,6 +47,8 @@ class ThroughputProbe(L.Callback):
         """Note when training begins; start the clock at the first timed batch."""
         if not self.first_batch_at:
             self.first_batch_at = time.time()
+        if self._ended_at is not None:
+            self.gaps[batch_idx - 1] = time.perf_counter() - self._ended_at
         if batch_idx == self.warmup and self.start is None:
             _sync()
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
@@ -57,6 +63,7 @@ class ThroughputProbe(L.Callback):
             self.end, self.cpu_end = time.perf_counter(), time.process_time()
             self.images += len(batch[1])
             self.peak = peak_rss_mib()  # before validation, which the plain loop does not run
+        self._ended_at = time.perf_counter()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the figures for the parent process."""
@@ -73,6 +80,7 @@ class ThroughputProbe(L.Callback):
             "workers": getattr(loader, "num_workers", None),
             "precision": str(trainer.precision),
             "made_at": self.made_at,
+            "gaps": self.gaps,
             "first_batch_at": self.first_batch_at,
         }
         self.out.write_text(json.dumps(figures))

@@ -5,9 +5,10 @@
 Full fine-tuning of resnet18, 224 px, batch 32, as bench/train_throughput.py runs it (`python train.py` with the
 timing callback of bench/_probe.py, one process per row). Rows: the plain PyTorch loop (the baseline); retrain
 with no rolling checkpoint (every_n_minutes=null); retrain's default (every_n_minutes=30, which in a run this short
-only checks the clock each step); and retrain rewriting last.ckpt every `--every` steps. The last row's extra time
-over the no-checkpoint row, divided by the saves in the timed window, is the cost of one save (an atomic write of
-weights, optimizer state and the loader's state); that cost over 30 minutes is what the default adds to an epoch.
+only checks the clock each step); and retrain rewriting last.ckpt every `--every` steps. The cost of one save (an
+atomic write of weights, optimizer state and the loader's state) is measured inside that last run: the pause after
+the batches that end with a save, less the pause after the others; that cost over 30 minutes is what the default
+adds to an epoch. Whole rows, separate processes on a shared machine, differ by more than a few saves.
 --quick: 32 px, batch 8, a save every step, and no default row (numbers meaningless).
 """
 
@@ -28,6 +29,18 @@ def saves_in_window(warmup: int, steps: int, every: int) -> int:
     """Rolling saves inside the timed batches: after batch b when (b + 1) % every == 0, never after an epoch's last."""
     last = warmup + steps - 1
     return sum(1 for b in range(warmup, last) if (b + 1) % every == 0)
+
+
+def save_seconds(gaps: dict[str, float], every: int) -> float:
+    """One rolling save, measured inside one run: the mean pause after the batches that end with a save, less the
+    mean pause after the others (the next batch's loading). Rows in separate processes differ by more than a save's
+    cost on a shared machine, so their throughputs alone cannot show it."""
+    after_save = [s for b, s in gaps.items() if (int(b) + 1) % every == 0]
+    others = [s for b, s in gaps.items() if (int(b) + 1) % every != 0]
+    if not after_save:
+        return float("nan")
+    baseline = sum(others) / len(others) if others else 0.0
+    return max(0.0, sum(after_save) / len(after_save) - baseline)
 
 
 def main() -> None:
@@ -57,7 +70,7 @@ def main() -> None:
         megabytes = checkpoint.stat().st_size / 2**20 if checkpoint else float("nan")
 
     saves = saves_in_window(warmup, steps, every)
-    per_save = max(0.0, saving["seconds"] - none["seconds"]) / max(1, saves)
+    per_save = save_seconds(saving["gaps"], every)
     step_s = none["seconds"] / steps
     rate = base["images_per_s"]
     rows = [
