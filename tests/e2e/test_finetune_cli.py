@@ -1,4 +1,5 @@
-"""Transfer learning through the CLI: exact resume after an unfreeze, DDP with late-unfrozen stages, LR finder."""
+"""Transfer learning through the CLI: DDP with late-unfrozen stages, LR finder (exact resume after an unfreeze:
+test_resume_exact_cli.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ QUICK = (*FAST, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", 
 # One checkpoint per epoch: Lightning refreshes last.ckpt only in epochs that save a top-k one, and on tiny data the
 # monitored accuracy often ties.
 EVERY_EPOCH = "callbacks.checkpoint.save_top_k=-1"
-SCHEDULE = "callbacks.unfreeze.schedule=[0:fc,2:layer4,3:layer3]"
 
 
 def _ckpt(path: Path) -> dict:
@@ -35,46 +35,6 @@ def _train(cwd: Path, imagefolder: Path, *overrides: str, timeout: int = 300) ->
 def _epoch(result, epoch: int) -> Path:
     """The checkpoint taken after `epoch` in the newest run."""
     return next((result.runs()[-1] / "checkpoints").glob(f"*-epoch{epoch:03d}-*.ckpt"))
-
-
-def test_resume_after_an_unfreeze_milestone_matches_an_uninterrupted_run(tmp_path: Path, imagefolder: Path) -> None:
-    common = (
-        f"data.root={imagefolder}",
-        "callbacks=unfreeze",
-        SCHEDULE,
-        "model.scheduler.T_max=4",  # the same cosine schedule in both runs
-        "trainer.deterministic=true",
-        EVERY_EPOCH,
-        *QUICK,
-    )
-    (tmp_path / "straight").mkdir()
-    (tmp_path / "split").mkdir()
-    straight = run_cli("train.py", *common, "trainer.max_epochs=4", cwd=tmp_path / "straight")
-    assert_ok(straight)
-    first = run_cli("train.py", *common, "trainer.max_epochs=3", cwd=tmp_path / "split")
-    assert_ok(first)
-    stopped = _epoch(first, 2)
-    resumed = run_cli("train.py", *common, "trainer.max_epochs=4", f"ckpt_path={stopped}", cwd=tmp_path / "split")
-    assert_ok(resumed)
-
-    a, b, mid = _ckpt(_epoch(straight, 3)), _ckpt(_epoch(resumed, 3)), _ckpt(stopped)
-    assert a["epoch"] == b["epoch"] == 3 and mid["epoch"] == 2
-    diff = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item() for k in a["state_dict"])
-    assert diff <= 1e-6
-    layer3 = "model.layer3.0.conv1.weight"
-    assert not torch.equal(mid["state_dict"][layer3], b["state_dict"][layer3])  # epoch 3 trained layer3
-    groups_a, groups_b = a["optimizer_states"][0]["param_groups"], b["optimizer_states"][0]["param_groups"]
-    assert [(g["name"], g["lr"]) for g in groups_a] == [(g["name"], g["lr"]) for g in groups_b]
-    for key, state in a["optimizer_states"][0]["state"].items():
-        torch.testing.assert_close(b["optimizer_states"][0]["state"][key]["momentum_buffer"], state["momentum_buffer"])
-    unfreeze = resumed.results()["unfreeze"]
-    assert [row["trainable"] for row in unfreeze["history"]] == [
-        ["fc"],
-        ["fc"],
-        ["layer4", "fc"],
-        ["layer3", "layer4", "fc"],
-    ]
-    assert resumed.results()["metadata"]["freeze"] == ["stem", "layer1", "layer2"]
 
 
 def test_ddp_ranks_agree_after_a_stage_unfreezes_mid_run(tmp_path: Path, imagefolder: Path) -> None:

@@ -2,9 +2,10 @@
 
 With `trainer.deterministic=true`, default augmentation, MixUp/CutMix and a loader worker: the RNGs are seeded from
 (seed, epoch) at each epoch start, and the worker restarts each epoch so its RNG follows that seed too.
-Single process, from an end-of-epoch checkpoint: the periodic checkpoint taken after epoch 2 of the same 4-epoch
-run (a run planned for 2 epochs would differ on purpose, as its cosine schedule, T_max = max_epochs, decays over
-2 epochs). DDP on 2 CPU processes, stopped by SIGTERM in the middle of an epoch and resumed with `ckpt_path=last`,
+Single process, from an end-of-epoch checkpoint right after a progressive-unfreezing milestone: the periodic
+checkpoint taken after epoch 2 of the same 4-epoch run (a run planned for 3 epochs would differ on purpose, as its
+cosine schedule, T_max = max_epochs, decays over 3), resumed to unfreeze layer3 in epoch 3 as the straight run did.
+DDP on 2 CPU processes, stopped by SIGTERM in the middle of an epoch and resumed with `ckpt_path=last`,
 with data.sampler=balanced and class weights: each rank's loader position and random state travel in rank 0's
 checkpoint.
 """
@@ -32,7 +33,13 @@ SETTINGS = (
     "save.publish=false",
     "~callbacks.report",
 )
-EPOCH_END = ("trainer.max_epochs=4", "callbacks.checkpoint_periodic.every_n_epochs=2", "trainer.limit_train_batches=2")
+EPOCH_END = (
+    "trainer.max_epochs=4",
+    "callbacks.checkpoint_periodic.every_n_epochs=1",
+    "trainer.limit_train_batches=2",
+    "callbacks=unfreeze",
+    "callbacks.unfreeze.schedule=[0:fc,2:layer4,3:layer3]",
+)
 DDP_BALANCED = (
     "trainer=ddp_cpu",
     "trainer.devices=2",
@@ -60,15 +67,31 @@ def assert_same_training(expected: dict, got: dict) -> None:
     assert all(torch.equal(momentum[k]["momentum_buffer"], resumed[k]["momentum_buffer"]) for k in momentum)
 
 
-def test_resume_after_epoch_2_matches_the_uninterrupted_run_bit_for_bit(tmp_path: Path, imagefolder: Path) -> None:
+def test_resume_after_an_unfreeze_milestone_matches_the_uninterrupted_run_bit_for_bit(
+    tmp_path: Path, imagefolder: Path
+) -> None:
     data = f"data.root={imagefolder}"
     straight = run_cli("train.py", data, *FAST, *SETTINGS, *EPOCH_END, cwd=tmp_path)
     assert_ok(straight)
-    (after_two,) = (straight.runs()[-1] / "checkpoints" / "periodic").glob("*-epoch001.ckpt")
-    resumed = run_cli("train.py", data, *FAST, *SETTINGS, *EPOCH_END, f"ckpt_path={after_two}", cwd=tmp_path)
+    (stopped,) = (straight.runs()[-1] / "checkpoints" / "periodic").glob("*-epoch002.ckpt")  # layer4 trained in it
+    resumed = run_cli("train.py", data, *FAST, *SETTINGS, *EPOCH_END, f"ckpt_path={stopped}", cwd=tmp_path)
     assert_ok(resumed)
     assert "persistent_workers=false" in straight.output
-    assert_same_training(final_state(straight.runs()[0]), final_state(resumed.runs()[-1]))
+    expected, got = final_state(straight.runs()[0]), final_state(resumed.runs()[-1])
+    assert_same_training(expected, got)
+    layer3 = "model.layer3.0.conv1.weight"
+    mid = torch.load(stopped, map_location="cpu", weights_only=True)
+    assert not torch.equal(mid["state_dict"][layer3], got["state_dict"][layer3])  # epoch 3, after the resume
+    groups = [[(g["name"], g["lr"]) for g in s["optimizer_states"][0]["param_groups"]] for s in (expected, got)]
+    assert groups[0] == groups[1]
+    unfreeze = resumed.results()["unfreeze"]
+    assert [row["trainable"] for row in unfreeze["history"]] == [
+        ["fc"],
+        ["fc"],
+        ["layer4", "fc"],
+        ["layer3", "layer4", "fc"],
+    ]
+    assert resumed.results()["metadata"]["freeze"] == ["stem", "layer1", "layer2"]
 
 
 def test_ddp_run_stopped_mid_epoch_by_sigterm_resumes_bit_identical(tmp_path: Path, imagefolder: Path) -> None:
