@@ -18,6 +18,7 @@ pytestmark = pytest.mark.e2e
 # AdamW on the eval transforms learns the colour-coded classes in a few epochs, so predictions can be checked.
 LEARNS = ("model/optimizer=adamw", "model.lr=0.003", "data.augment=none", "trainer.max_epochs=4")
 PRUNE = ("model.prune.amount=0.3", "model.prune.method=l1_unstructured")
+NO_REPORT = "~callbacks.report"  # the run report is tested where it is the subject (test_loggers_cli)
 QUICK_EXPORT = ("export.calib_images=8", "export.bench.warmup=1", "export.bench.runs=2", "data.num_workers=0")
 FORMATS = ("torchscript", "export", "onnx", "int8")
 
@@ -26,7 +27,7 @@ FORMATS = ("torchscript", "export", "onnx", "int8")
 def shipped(tmp_path_factory: pytest.TempPathFactory, imagefolder: Path):
     """A pruned model trained and published as resnet18@v001, then exported in every format."""
     cwd = tmp_path_factory.mktemp("ship")
-    trained = run_cli("train.py", f"data.root={imagefolder}", *FAST, *LEARNS, *PRUNE, cwd=cwd)
+    trained = run_cli("train.py", f"data.root={imagefolder}", *FAST, *LEARNS, *PRUNE, NO_REPORT, cwd=cwd)
     assert_ok(trained)
     exported = run_cli("export.py", "ckpt_path=resnet18@latest", *QUICK_EXPORT, cwd=cwd)
     assert_ok(exported)
@@ -136,6 +137,7 @@ def test_qat_fine_tunes_a_float_version_and_publishes_its_int8_export(shipped, i
         "trainer.limit_train_batches=2",
         "qat.bench.warmup=1",
         "qat.bench.runs=2",
+        NO_REPORT,
         *FAST,
         cwd=shipped.cwd,
     )

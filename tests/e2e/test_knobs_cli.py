@@ -29,6 +29,7 @@ SHORT = (
     "model.freeze=true",
     "model.feature_cache=false",  # the cache would compute the features once, outside the knob
     "model.bn_stats=frozen",  # adapting under each knob would give each run its own statistics
+    "~callbacks.report",
 )
 KNOBS = {
     "fp32": ("trainer.precision=32",),

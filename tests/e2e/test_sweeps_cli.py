@@ -24,6 +24,7 @@ QUICK = (
     "trainer.limit_val_batches=2",
     "test=false",
     "save.publish=false",
+    "~callbacks.report",  # ~1-2 s of CPU a job; the report is tested where it is the subject (test_loggers_cli)
 )
 
 
