@@ -46,6 +46,13 @@ def test_the_newest_runs_last_ckpt_deleted_is_an_error_naming_what_is_left(tmp_p
     assert "Fix:" in message
 
 
+def test_a_last_ckpt_that_links_to_a_file_gone_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    newer = run_folder(tmp_path, "2026-12-02_10-00-00", "resnet18-v002-epoch003.ckpt", age_s=60)
+    (newer / "checkpoints" / "last.ckpt").symlink_to(tmp_path / "moved-away.ckpt")  # was: FileNotFoundError traceback
+    with pytest.raises(ConfigError, match=r"has no checkpoints/last.ckpt .*epoch003.ckpt goes on from"):
+        newest_last_checkpoint(tmp_path, NAME)
+
+
 def test_the_folder_a_session_went_on_in_deleted_is_an_error(tmp_path: Path) -> None:
     older = run_folder(tmp_path, "2026-12-01_10-00-00", "last.ckpt", age_s=3600)
     session = tmp_path / "2026-12-03_10-00-00"

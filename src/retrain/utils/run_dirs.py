@@ -56,7 +56,8 @@ def newest_last_checkpoint(runs: Path, name: str) -> Path:
     exists, stops the resume with an error naming both. A continued_in.txt that names no folder is only a note
     (nothing reads it to resume): it is ignored.
     """
-    found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    # is_file: a last.ckpt that is a link to a file gone counts as missing, not as a crash in stat()
+    found = sorted((p for p in runs.glob("*/checkpoints/last.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime)
     newest = found[-1] if found else None
     since = newest.stat().st_mtime if newest else float("-inf")
     folders = sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
@@ -84,8 +85,8 @@ def newest_last_checkpoint(runs: Path, name: str) -> Path:
 def _lost_after(folder: Path, since: float) -> tuple[float, str, list[Path]] | None:
     """When and how `folder` shows a run newer than `since` whose last.ckpt is gone, and the checkpoints left."""
     checkpoints = folder / "checkpoints"
-    if checkpoints.is_dir() and not (checkpoints / "last.ckpt").exists() and checkpoints.stat().st_mtime > since:
-        others = sorted(checkpoints.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if checkpoints.is_dir() and not (checkpoints / "last.ckpt").is_file() and checkpoints.stat().st_mtime > since:
+        others = sorted((p for p in checkpoints.rglob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime)
         what = f"the newest run, {folder}, has no checkpoints/last.ckpt (deleted or moved?)"
         return checkpoints.stat().st_mtime, what, others
     note = folder / CONTINUED_NOTE
