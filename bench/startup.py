@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _machine import Row, parse_args, print_report, ratio
@@ -31,11 +32,11 @@ IMPORTS = {
 }
 
 
-def timed_start(run: object, *args: object) -> tuple[float, float]:
+def timed_start(run: Callable[..., dict], *args: object) -> tuple[float, float]:
     """Launch `run` (train_throughput's plain or retrain): seconds until its first batch, and until its Trainer's
     callbacks were built (retrain only; 0 for the plain loop)."""
     launched = time.time()
-    figures = run(*args)  # type: ignore[operator]
+    figures = run(*args)
     made = figures.get("made_at", launched) - launched
     return figures["first_batch_at"] - launched, made
 
@@ -53,7 +54,7 @@ def main() -> None:
     """Generate the data, time the rows, print one table."""
 
     def extra(parser):
-        parser.add_argument("--repeats", type=int, default=2, help="runs of each row, interleaved")
+        parser.add_argument("--repeats", type=int, default=2, choices=range(1, 11), help="runs of each row, 1-10")
 
     args = parse_args(__doc__, extra)
     size, batch, repeats, photo = 224, 32, args.repeats, (500, 375)
