@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from retrain.errors import ConfigError, RetrainError
 from retrain.utils.cli import check_types, with_config_hints
+from retrain.utils.fast_exit import exit_without_teardown
 from retrain.utils.io import write_json
 from retrain.utils.schemas import register_schemas
 
@@ -132,7 +133,13 @@ def launch(script: str, config_name: str, task: str) -> None:
     def main(cfg: DictConfig) -> float | None:
         return run_task(getattr(importlib.import_module(module_name), function_name), cfg)
 
-    with_config_hints(main, config_dir=config_dir, config_name=config_name)
+    try:
+        with_config_hints(main, config_dir=config_dir, config_name=config_name)
+    except SystemExit as stop:
+        if stop.code is not None and not isinstance(stop.code, int):
+            raise  # a message as the code: Python prints it and exits 1
+        exit_without_teardown(stop.code or 0)
+    exit_without_teardown(0)
 
 
 def run_task(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> float | None:
