@@ -9,10 +9,11 @@ every image, not averaged per batch, and under DDP over every rank's shard: all 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -70,17 +71,23 @@ def batchnorms_of(model: nn.Module, stages: Iterable[str]) -> dict[str, _BatchNo
 
 
 class _PooledMoments:
-    """Per-channel sums of x and x^2, and the count of values, that one BatchNorm saw: float64, exact to add up."""
+    """Per-channel sums of x and x^2, and the count of values, that one BatchNorm saw: float64, exact to add up.
+
+    Read from the BatchNorm's own batch statistics: in train mode with momentum 1 its running buffers hold, after each
+    batch, that batch's mean and unbiased variance, which give back the batch's sums. That costs nothing; computing
+    the moments again from the input took a third of the pass (73 -> 49 images/s, ResNet18 at 224 px, bf16).
+    """
 
     def __init__(self, channels: int) -> None:
         self.sums = torch.zeros(2 * channels + 1, dtype=torch.float64)  # sum x, sum x^2, count
 
-    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        # Rows of channels: a view for channels-last inputs, whose column sums are contiguous reads (half the time
-        # of var_mean over dims (0, 2, 3), measured); the per-batch sums stay in float32, their total in float64.
-        rows = inputs[0].detach().movedim(1, -1).reshape(-1, inputs[0].shape[1]).float()
-        count = rows.new_tensor([rows.shape[0]])
-        self.sums += torch.cat([rows.sum(0), (rows * rows).sum(0), count]).to("cpu", torch.float64)
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
+        bn = cast(_BatchNorm, module)
+        assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats (batchnorms_of)
+        count = inputs[0].numel() // inputs[0].shape[1]
+        mean, var = bn.running_mean.to("cpu", torch.float64), bn.running_var.to("cpu", torch.float64)
+        squares = var * (count - 1) + mean * mean * count  # unbiased variance back to the sum of squares
+        self.sums += torch.cat([mean * count, squares, mean.new_tensor([count])])
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
@@ -98,9 +105,10 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
 def adapt_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], stages: Iterable[str]) -> int:
     """Re-estimate the running mean and variance of `stages`' BatchNorms on `batches`; returns the images seen.
 
-    One pass in train mode (each layer normalizes with its batch's statistics, as AdaBN does), with every input's
+    One pass in train mode (each layer normalizes with its batch's statistics, as AdaBN does), with every batch's
     per-channel moments pooled over all images: the same result however the images are batched or sharded. Under
-    torch.distributed each rank passes its own shard and the sums are added up, so all ranks get the same buffers.
+    torch.distributed each rank passes its own shard (any number of batches) and the sums are added up, so all ranks
+    get the same buffers.
     The other BatchNorms keep their buffers, and every module its train/eval mode.
     """
     adapted = batchnorms_of(model, stages)
@@ -110,7 +118,16 @@ def adapt_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], stages: It
     saved = {m: {k: b.clone() for k, b in m.named_buffers()} for m in bns}
     modes = {m: m.training for m in model.modules()}
     moments = {name: _PooledMoments(bn.num_features) for name, bn in adapted.items()}
-    hooks = [bn.register_forward_pre_hook(moments[name]) for name, bn in adapted.items()]
+    momenta = {bn: bn.momentum for bn in adapted.values()}
+    for bn in adapted.values():
+        bn.momentum = 1.0  # the running buffers take each batch's statistics, which the hook reads
+    # SyncBatchNorm (trainer.sync_batchnorm under DDP) would gather every batch's statistics from all ranks: statistics
+    # of other ranks' images, and a hang when the ranks' shards have different numbers of batches. Each rank uses its
+    # own batches here; the all-reduce below pools the moments once.
+    synced = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    for bn in synced:
+        bn.forward = functools.partial(_BatchNorm.forward, bn)  # type: ignore[method-assign]
+    hooks = [bn.register_forward_hook(moments[name]) for name, bn in adapted.items()]
     seen = torch.zeros(2, dtype=torch.float64)  # images, batches
     try:
         model.train()
@@ -120,6 +137,10 @@ def adapt_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], stages: It
     finally:
         for hook in hooks:
             hook.remove()
+        for bn, momentum in momenta.items():
+            bn.momentum = momentum
+        for bn in synced:
+            del bn.forward
         for module, training in modes.items():
             module.training = training
         for module, buffers in saved.items():  # train mode moved every BatchNorm's running statistics
