@@ -3,8 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # One worker more than cores: the e2e tests wait on subprocesses and sockets part of the time (2 cores: 3 workers
-# ran the then suite in 9 min 26 s, 2 workers in 10 min 53 s). Clean-clone runs of today's 651 tests: 10:06 with 4
-# workers, 10:18 and 10:58 with 3 (that spread is this shared machine's, for the same work).
+# ran the then suite in 9 min 26 s, 2 workers in 10 min 53 s). 653 tests with 3 workers: 8:05 in a clean clone,
+# 8:10 in the working tree (2026-12-03; the same work has varied by ~10 % run to run on this shared machine).
 PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 .PHONY: help install train demo-data test test-slow lint format bench clean

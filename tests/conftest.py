@@ -15,12 +15,14 @@ import pytest
 import torch
 import torchvision
 from clitools import make_imagefolder
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from retrain.artifacts.formats import save_safetensors, save_weights_pth
 from retrain.artifacts.registry import publish, reserve_version
 from retrain.utils.io import write_json
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin is set up, before xdist starts the workers
 def pytest_configure(config: pytest.Config) -> None:
     """Give each xdist worker its share of the cores: more threads than cores spin against each other.
 
@@ -28,7 +30,15 @@ def pytest_configure(config: pytest.Config) -> None:
     per core: measured on the e2e files, the suite ran about 20 % slower that way. An OMP_NUM_THREADS the caller set
     is kept.
     """
-    if "PYTEST_XDIST_WORKER" not in os.environ:  # the xdist controller, or a run without -n: torch's default
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the xdist controller, or a run without -n: torch's default threads
+        # Importing torchvision has already written Inductor's default folder into the environment; any other
+        # folder is the caller's. Set before the workers start: they and their CLI subprocesses inherit it.
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+            factory = config._tmp_path_factory  # type: ignore[attr-defined]
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_inductor_cache(factory))
+            # Inductor's precompiled headers (150 MB each) go to <temp folder>/torchinductor_<user> whatever the
+            # cache folder: the workers' and subprocesses' temp folder goes beside the cache, removed with it.
+            os.environ["TMPDIR"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         return
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -43,10 +53,9 @@ def _no_temp_files_after_a_green_run(
     """Remove this session's temp folder when every test passed: module-scoped runs keep 45-90 MB checkpoints there.
 
     tmp_path_retention_policy=failed (pyproject) already drops each passing test's own tmp_path. torch.compile's
-    kernel cache goes beside it (inherited by the CLI subprocesses), instead of growing /tmp/torchinductor_<user> by
-    about half a GB a run; `pytest_sessionfinish` removes it.
+    kernel cache goes beside it (`pytest_configure`), instead of growing /tmp/torchinductor_<user> by about half a
+    GB a run (three precompiled headers of 150 MB and the kernels); `pytest_sessionfinish` removes it.
     """
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_inductor_cache(tmp_path_factory)))
     yield
     if request.session.testsfailed == 0:
         shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
@@ -54,8 +63,7 @@ def _no_temp_files_after_a_green_run(
 
 def _inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One kernel cache for all xdist workers: each new cache first compiles Inductor's CPU probes (~12 s of CPU)."""
-    basetemp = tmp_path_factory.getbasetemp()
-    root = basetemp.parent if "PYTEST_XDIST_WORKER" in os.environ else basetemp  # workers': <root>/popen-gw<N>
+    root = tmp_path_factory.getbasetemp()  # the controller's: the workers' are <root>/popen-gw<N>
     (root / "torchinductor").mkdir(exist_ok=True)
     return root / "torchinductor"
 
