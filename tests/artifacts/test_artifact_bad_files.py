@@ -114,6 +114,31 @@ def test_a_checkpoint_saved_without_checksums_still_loads(tmp_path):
     assert read_artifact(path).kind == "lightning"
 
 
+@pytest.mark.parametrize("where", ["a weight", "the metadata"])
+def test_a_safetensors_file_edited_after_it_was_written_is_refused(tmp_path, where: str):
+    state = torchvision.models.resnet18(num_classes=3).state_dict()
+    path = tmp_path / "model.safetensors"
+    save_safetensors(state, {"class_names": ["cat", "dog", "eel"]}, path)
+    assert read_artifact(path).metadata == {"class_names": ["cat", "dog", "eel"]}
+    # safetensors checks no checksum: a changed weight or class name would load as something nobody trained.
+    if where == "a weight":
+        _flip(path, len(path.read_bytes()) - 1000)
+    else:
+        data = path.read_bytes()
+        end = 8 + int.from_bytes(data[:8], "little")  # the JSON header: still valid after the edit
+        path.write_bytes(data[:end].replace(b"eel", b"emu") + data[end:])
+    message = read_fails(path, "was changed after it was written")
+    assert "SHA-256" in message
+
+
+def test_a_safetensors_file_from_another_tool_loads_without_a_digest(tmp_path):
+    from safetensors.torch import save_file
+
+    state = torchvision.models.resnet18(num_classes=3).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "other.safetensors"))
+    assert read_artifact(tmp_path / "other.safetensors").kind == "safetensors"
+
+
 def test_a_checkpoint_whose_zip_directory_is_damaged_is_reported_not_raised(tmp_path):
     path = _zip_ckpt(tmp_path / "last.ckpt")
     read_fails(_flip(path, len(path.read_bytes()) - 100), "truncated or corrupt")  # was a raw UnicodeDecodeError

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -38,6 +39,8 @@ WRAPPER_PREFIXES = ("model.", "net.", "backbone.", "_orig_mod.", "module.")
 # Wrappers that can only mean "the same network, wrapped", so a plain state_dict loses them silently.
 SILENT_PREFIXES = ("_orig_mod.", "module.")
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+# Header key of the digest retrain writes into its .safetensors files (files from other tools have none: not checked).
+SAFETENSORS_DIGEST_KEY = "retrain_sha256"
 _ALLOW_PICKLE_FIX = (
     "Fix: if you trust where the file came from, set model.allow_pickle=true (train.py) or allow_pickle=true "
     "(eval.py, predict.py, export.py); better, load it once in a "
@@ -150,8 +153,19 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], metadata: dict[str, An
     header = {"format": "pt"}
     if metadata is not None:
         header["retrain"] = json.dumps(metadata)
+    header[SAFETENSORS_DIGEST_KEY] = _safetensors_digest(tensors, header.get("retrain"))
     data = safetensors_bytes(tensors, metadata=header)
     atomic_write(Path(path), lambda f: f.write(data))
+
+
+def _safetensors_digest(tensors: dict[str, torch.Tensor], metadata: str | None) -> str:
+    """SHA-256 of the tensors (by name: dtype, shape, raw bytes) and our metadata, which safetensors does not check."""
+    digest = hashlib.sha256((metadata or "").encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_full_model(model: torch.nn.Module, path: Path) -> None:
@@ -263,6 +277,14 @@ def _read_safetensors(path: Path) -> Artifact:
         raise ArtifactError(
             f"{path} is a safetensors file with no tensors in it. Expected model weights. "
             "Fix: point to the model.safetensors written by retrain, or another weights file."
+        )
+    recorded = header.get(SAFETENSORS_DIGEST_KEY)
+    if recorded is not None and recorded != _safetensors_digest(state_dict, header.get("retrain")):
+        raise ArtifactError(
+            f"{path} was changed after it was written: its tensors or metadata no longer match the SHA-256 retrain "
+            "recorded in its header (the file was edited, or damaged on disk or in transfer). Expected the file as it "
+            "was saved; loading it would give weights nobody trained. Fix: copy it again from where it came from, or "
+            "use the version's weights.pth or another registry version."
         )
     metadata = None
     if "retrain" in header:

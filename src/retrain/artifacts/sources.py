@@ -52,7 +52,7 @@ def load_source(
     if path.is_dir():
         return _load_version_dir(path, allow_pickle)
     if path.is_file():
-        return _with_version_metadata(read_artifact(path, allow_pickle=allow_pickle))
+        return _read_with_version_metadata(path, allow_pickle)
     if "@" in text:
         return _load_version_dir(resolve(model_dir, text), allow_pickle)
     if NAME_RE.fullmatch(text) and text in known_names(model_dir):  # the user's names win over torchvision's
@@ -89,32 +89,30 @@ def _identity(folder: Path) -> tuple[str, int] | None:
 def _load_version_dir(folder: Path, allow_pickle: bool) -> Artifact:
     for filename in VERSION_FILES:
         if (folder / filename).is_file():
-            artifact = read_artifact(folder / filename, allow_pickle=allow_pickle)
-            break
-    else:
-        raise ArtifactError(
-            f"{folder} is a folder without model weights. Expected a registry version folder holding "
-            f"{' or '.join(VERSION_FILES)}. Fix: point to a weights file, or to a version such as "
-            "models/<name>/v003 or the reference <name>@latest."
-        )
-    return _with_version_metadata(artifact)
+            return _read_with_version_metadata(folder / filename, allow_pickle)
+    raise ArtifactError(
+        f"{folder} is a folder without model weights. Expected a registry version folder holding "
+        f"{' or '.join(VERSION_FILES)}. Fix: point to a weights file, or to a version such as "
+        "models/<name>/v003 or the reference <name>@latest."
+    )
 
 
-def _with_version_metadata(artifact: Artifact) -> Artifact:
-    """Attach the version's metadata.json (authoritative: it holds the final metrics) and its name/version.
+def _read_with_version_metadata(path: Path, allow_pickle: bool) -> Artifact:
+    """Read a weights file; in a registry version, attach its metadata.json (authoritative: it holds the final
+    metrics) and its name/version.
 
     First the file and metadata.json are checked against what was published (integrity.py), so edited weights
-    or swapped class names are refused instead of changing predictions silently.
+    or swapped class names are refused instead of changing predictions silently; before the file is read, so the
+    message names the published and the found SHA-256 (reading would refuse a changed .safetensors by itself).
     """
-    assert artifact.path is not None
-    folder = artifact.path.parent
+    folder = path.parent
     identity = _identity(folder)
     sidecar = folder / METADATA_FILE
     if identity is None or not sidecar.is_file():
-        return artifact
+        return read_artifact(path, allow_pickle=allow_pickle)
     metadata = read_json(sidecar)
-    assert artifact.sha256 is not None  # read_artifact hashes every file it reads
-    check_loaded(folder, artifact.path, artifact.sha256, metadata)
+    check_loaded(folder, path, sha256_file(path), metadata)
+    artifact = read_artifact(path, allow_pickle=allow_pickle)
     artifact.metadata = {**metadata, "name": identity[0], "version": identity[1]}
     return artifact
 
