@@ -198,8 +198,11 @@ def _network_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return strip_wrapper_prefixes(state_dict, WRAPPER_PREFIXES)
 
 
-def read_artifact(path: Path, *, allow_pickle: bool = False) -> Artifact:
-    """Read any supported weights file into torchvision keys on the CPU, refusing to run code from it."""
+def read_artifact(path: Path, *, allow_pickle: bool = False, sha256: str | None = None) -> Artifact:
+    """Read any supported weights file into torchvision keys on the CPU, refusing to run code from it.
+
+    `sha256`: the file's hash when the caller has just computed it (the registry's check), so it is not read twice.
+    """
     path = Path(path)
     if not path.exists():
         raise _missing_file_error(path)
@@ -236,7 +239,7 @@ def read_artifact(path: Path, *, allow_pickle: bool = False) -> Artifact:
             ".safetensors file; exports (ONNX, TorchScript) cannot be retrained. Fix: point to the "
             "checkpoint or weights file, or copy it again if it was damaged in transfer."
         )
-    artifact.sha256 = sha256_file(path)
+    artifact.sha256 = sha256 or sha256_file(path)
     return artifact
 
 

@@ -111,8 +111,9 @@ def _read_with_version_metadata(path: Path, allow_pickle: bool) -> Artifact:
     if identity is None or not sidecar.is_file():
         return read_artifact(path, allow_pickle=allow_pickle)
     metadata = read_json(sidecar)
-    check_loaded(folder, path, sha256_file(path), metadata)
-    artifact = read_artifact(path, allow_pickle=allow_pickle)
+    found = sha256_file(path)
+    check_loaded(folder, path, found, metadata)
+    artifact = read_artifact(path, allow_pickle=allow_pickle, sha256=found)
     artifact.metadata = {**metadata, "name": identity[0], "version": identity[1]}
     return artifact
 
