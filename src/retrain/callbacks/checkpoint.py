@@ -197,6 +197,8 @@ class VersionedCheckpoint(ModelCheckpoint):
         # monitored metric `ckpt_path=last` would resume from an older epoch.
         if not self.save_last or self._should_skip_saving_checkpoint(trainer):
             return
+        if self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved == self.last_model_path:
+            return  # Lightning has just written last.ckpt at this step (with a top-k file): a second write adds nothing
         if self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
