@@ -23,13 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.errors import ConfigError
-from retrain.model.extraction import (
-    eval_dataset,
-    extraction_batch_size,
-    extraction_dtype,
-    forward_context,
-    image_batches,
-)
+from retrain.model.extraction import eval_dataset, extraction_batch_size, image_batches, split_pass
 from retrain.model.resnet import stage_of
 
 log = logging.getLogger("retrain")
@@ -213,15 +207,19 @@ class BatchNormAdaptation(Callback):
             generator = torch.Generator().manual_seed(self.seed)
             indices = sorted(torch.randperm(len(indices), generator=generator)[: self.max_images].tolist())
         shard = indices[trainer.global_rank :: trainer.world_size]
-        device = pl_module.device
         start = time.perf_counter()
-        with forward_context(
-            extraction_dtype(self.precision, device), device, trainer.precision_plugin.forward_context
-        ):
+        # The trunk shares the model's BatchNorm modules: the pass updates their statistics.
+        trunk, context = split_pass(model, self.precision, trainer, fold_bn=False)
+        with context:
             batches = image_batches(
-                dataset, device, batch_size=extraction_batch_size(images), num_workers=images.num_workers, indices=shard
+                dataset,
+                pl_module.device,
+                batch_size=extraction_batch_size(images),
+                num_workers=images.num_workers,
+                indices=shard,
+                channels_last=trunk is None,
             )
-            self.images = adapt_bn_stats(model, batches, self.stages)
+            self.images = adapt_bn_stats(model if trunk is None else trunk, batches, self.stages)
         self.seconds = time.perf_counter() - start
         log.info(
             "model.bn_stats=adapt: BatchNorm statistics of %s re-estimated on %d training images in %.1f s",

@@ -8,14 +8,18 @@ count, not the figures). Batch 16: 19.8, 32: 24.7, 64 and 128: 30.5 in bf16 NHWC
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.models import ResNet
 
 from retrain.data.datamodule import ImageFolderDataModule, ImageListDataset, decode_request
 from retrain.errors import ConfigError
+from retrain.model.onednn import onednn_supports, onednn_trunk, onednn_usable
 from retrain.utils.hydra import cpu_precision
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -48,6 +52,31 @@ def extraction_dtype(setting: object, device: torch.device) -> torch.dtype | Non
     return torch.float32 if text == "fp32" else None
 
 
+def onednn_dtype(dtype: torch.dtype | None, device: torch.device, trainer_precision: str) -> torch.dtype | None:
+    """The dtype a pass runs the oneDNN trunk in (model/onednn.py), or None where it stays in eager mode.
+
+    `dtype` is `extraction_dtype`'s answer; None there means the Trainer's precision, which the trunk can take when
+    it is plain fp32. Elsewhere (GPUs, fp16, a CPU build without oneDNN) the pass runs the model as it is.
+    """
+    if dtype is None and trainer_precision in ("32-true", "32"):
+        dtype = torch.float32
+    return dtype if onednn_usable(device, dtype) else None
+
+
+def split_pass(model: nn.Module, setting: object, trainer: Any, *, fold_bn: bool) -> tuple[ResNet | None, Any]:
+    """How a pass over a split runs: the oneDNN trunk to call (None: the model itself, in eager mode) and the
+    context to run it in (autocast or the Trainer's precision in eager mode; the trunk has its dtype built in).
+
+    `setting` is `model.feature_cache_precision`; fold_bn as in `onednn_trunk`.
+    """
+    device = next(model.parameters()).device
+    dtype = extraction_dtype(setting, device)
+    fast = onednn_dtype(dtype, device, str(trainer.precision))
+    if fast is not None and isinstance(model, ResNet) and onednn_supports(model):
+        return onednn_trunk(model, fast, fold_bn=fold_bn), contextlib.nullcontext()
+    return None, forward_context(dtype, device, trainer.precision_plugin.forward_context)
+
+
 def forward_context(dtype: torch.dtype | None, device: torch.device, fallback: Callable[[], Any]) -> Any:
     """Autocast to bf16, plain fp32 (autocast off), or `fallback()` (the Trainer's precision context) for None."""
     if dtype is None:
@@ -75,12 +104,22 @@ def extraction_batch_size(images: ImageFolderDataModule) -> int:
 
 
 def image_batches(
-    dataset: Dataset, device: torch.device, *, batch_size: int, num_workers: int, indices: list[int] | None = None
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    batch_size: int,
+    num_workers: int,
+    indices: list[int] | None = None,
+    channels_last: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """`dataset`'s images (or those at `indices`) in order, in NHWC batches on `device`, decoded by loader workers."""
+    """`dataset`'s images (or those at `indices`) in order, in batches on `device`, decoded by loader workers.
+
+    channels_last: NHWC, for eager mode. The oneDNN trunk takes the loader's NCHW, which it converts fastest.
+    """
     source = dataset if indices is None else Subset(dataset, indices)
     loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     for batch, _ in loader:
-        # Channels-last images take the faster convolution kernels (oneDNN, cuDNN with 16-bit types); the
+        batch = batch.to(device, non_blocking=True)
+        # Channels-last images take the faster eager convolution kernels (oneDNN, cuDNN with 16-bit types); the
         # results match the NCHW pass within float rounding (~1e-6 in fp32).
-        yield batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        yield batch.contiguous(memory_format=torch.channels_last) if channels_last else batch

@@ -30,7 +30,7 @@ from torchvision.models import ResNet
 from retrain.data.datamodule import ImageFolderDataModule, ImageListDataset, TrainLoader
 from retrain.errors import ConfigError
 from retrain.model.bn_adapt import resolve_bn_stats
-from retrain.model.extraction import extraction_batch_size, extraction_dtype, forward_context, image_batches
+from retrain.model.extraction import extraction_batch_size, extraction_dtype, image_batches, split_pass
 from retrain.model.surgery import BACKBONE
 
 log = logging.getLogger("retrain")
@@ -218,6 +218,7 @@ class FeatureCache(Callback):
         self.max_bytes = float(max_memory_mb) * 2**20
         self.precision = precision  # of the extraction pass: auto (bf16 where native), bf16 or fp32
         self.extracted_in: str | None = None  # what `precision` meant on the device
+        self.kernels: str | None = None  # how the pass ran: eager, or the oneDNN trunk (model/onednn.py)
         self.entries: dict[str, _Entry] = {}
         self.weights: str | None = None  # backbone digest the entries were computed with
         self._checksum: torch.Tensor | None = None
@@ -265,6 +266,7 @@ class FeatureCache(Callback):
             "enabled": True,
             "dtype": str(self.dtype).removeprefix("torch."),
             "extracted_in": self.extracted_in,
+            "kernels": self.kernels,
             "splits": splits,
             "drops": self.drops,
         }
@@ -317,19 +319,23 @@ class FeatureCache(Callback):
         device = next(model.parameters()).device
         dtype = extraction_dtype(self.precision, device)
         self.extracted_in = "bf16" if dtype == torch.bfloat16 else "fp32" if dtype else str(trainer.precision)
-        batches = image_batches(entry.images, device, batch_size=entry.batch_size, num_workers=entry.num_workers)
         modes = {module: module.training for module in model.modules()}
+        model.eval()
+        trunk, context = split_pass(model, self.precision, trainer, fold_bn=True)
+        self.kernels = "eager" if trunk is None else "oneDNN trunk, BatchNorm folded"
+        batches = image_batches(
+            entry.images,
+            device,
+            batch_size=entry.batch_size,
+            num_workers=entry.num_workers,
+            channels_last=trunk is None,
+        )
         start = time.perf_counter()
         # isolate_rng: building the cache must not shift the RNG, so batches come in the order they would uncached.
-        with (
-            isolate_rng(),
-            torch.inference_mode(),
-            forward_context(dtype, device, trainer.precision_plugin.forward_context),
-        ):
-            model.eval()
+        with isolate_rng(), torch.inference_mode(), context:
             offset = 0
             for images in batches:
-                batch = pooled_features(model, images)
+                batch = pooled_features(model, images) if trunk is None else trunk(images)
                 entry.features[offset : offset + len(batch)] = batch.to("cpu", self.dtype)
                 offset += len(batch)
         for module, training in modes.items():
