@@ -166,7 +166,7 @@ class BatchNormAdaptation(Callback):
     unfreezing, the stages that train later learn their statistics as they train. A resumed run does not adapt
     again: its checkpoint holds the adapted statistics, and this callback's state how many images they came from.
 
-    >>> BatchNormAdaptation(max_images=256).summary()
+    >>> BatchNormAdaptation(max_images=128).summary()
     {'setting': 'adapt', 'images': None, 'stages': [], 'seconds': 0.0, 'resumed': False}
     """
 
@@ -174,7 +174,7 @@ class BatchNormAdaptation(Callback):
         if max_images is not None and (isinstance(max_images, bool) or int(max_images) < 1):
             raise ConfigError(
                 f"model.bn_adapt_images={max_images!r}; expected a number of images >= 1, or null for every "
-                "training image. Fix: e.g. model.bn_adapt_images=256."
+                "training image. Fix: e.g. model.bn_adapt_images=128."
             )
         self.max_images = None if max_images is None else int(max_images)
         self.precision = precision
