@@ -72,7 +72,7 @@ def split_pass(model: nn.Module, setting: object, trainer: Any, *, fold_bn: bool
     device = next(model.parameters()).device
     dtype = extraction_dtype(setting, device)
     fast = onednn_dtype(dtype, device, str(trainer.precision))
-    if fast is not None and isinstance(model, ResNet) and onednn_supports(model):
+    if fast is not None and onednn_supports(model):
         return onednn_trunk(model, fast, fold_bn=fold_bn), contextlib.nullcontext()
     return None, forward_context(dtype, device, trainer.precision_plugin.forward_context)
 

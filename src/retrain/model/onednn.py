@@ -12,6 +12,7 @@ torch.utils.mkldnn converts modules the same way, but through TorchScript, which
 from __future__ import annotations
 
 import copy
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ def onednn_usable(device: torch.device, dtype: torch.dtype | None) -> bool:
     return dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def onednn_supports(model: nn.Module) -> bool:
+def onednn_supports(model: nn.Module) -> TypeGuard[ResNet]:
     """Whether `model` is a torchvision ResNet whose convolutions all pad with zeros by a number of pixels (as the
     torchvision ones do): what `OneDnnConv2d` computes."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
