@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from clitools import make_imagefolder, quiet_trainer
 from omegaconf import OmegaConf
+from torch.utils.data import TensorDataset
 
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.splits import discover
@@ -24,6 +25,7 @@ from retrain.model.bn_adapt import (
     batchnorms_of,
     resolve_bn_stats,
 )
+from retrain.model.extraction import batch_ranges, image_batches
 from retrain.model.feature_cache import FeatureCache, pooled_features
 from retrain.model.module import ClassifierModule
 from retrain.model.resnet import build_resnet
@@ -79,6 +81,23 @@ def test_statistics_are_pooled_over_every_image_and_only_frozen_stages_move() ->
     }
     assert {k for k in after if not torch.equal(after[k], before[k])} == adapted
     assert not net.training and not any(m.training for m in net.modules())  # modes as they were
+
+
+def test_a_lone_leftover_image_joins_the_batch_before_it_so_small_images_adapt() -> None:
+    # 65 images at 32 px in batches of 64 left one image alone, whose layer4 output (1x1) train-mode BatchNorm
+    # refused: "Expected more than 1 value per channel when training".
+    assert [len(r) for r in batch_ranges(65, 64)] == [65]
+    assert [len(r) for r in batch_ranges(129, 64)] == [64, 65] and batch_ranges(1, 64) == [range(0, 1)]
+    images = _images(65)
+    dataset = TensorDataset(images, torch.zeros(65))
+    batches = list(image_batches(dataset, torch.device("cpu"), batch_size=64, num_workers=0))
+    assert [len(b) for b in batches] == [65] and torch.equal(batches[0], images)
+    assert adapt_bn_stats(_net(), batches, BACKBONE) == 65
+    # A rank whose whole shard is one image adds nothing rather than crash; the others' images set the statistics.
+    net, alone = _net(), _net()
+    assert adapt_bn_stats(net, [images[:16], images[16:17]], BACKBONE) == 16
+    adapt_bn_stats(alone, [images[:16]], BACKBONE)
+    assert all(torch.equal(v, _buffers(alone)[k]) for k, v in _buffers(net).items())
 
 
 def _adapt_on_rank(rank: int, store: str, out: str) -> None:

@@ -103,7 +103,8 @@ def adapt_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], stages: It
     per-channel moments pooled over all images: the same result however the images are batched or sharded. Under
     torch.distributed each rank passes its own shard (any number of batches) and the sums are added up, so all ranks
     get the same buffers.
-    The other BatchNorms keep their buffers, and every module its train/eval mode.
+    The other BatchNorms keep their buffers, and every module its train/eval mode. A batch of a single image is
+    skipped (`image_batches` makes one only for a rank whose whole shard is one image).
     """
     adapted = batchnorms_of(model, stages)
     if not adapted:
@@ -126,6 +127,8 @@ def adapt_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], stages: It
     try:
         model.train()
         for batch in batches:
+            if len(batch) < 2:  # one image has one value per channel in the last stage at <= 63 px: BatchNorm fails
+                continue
             model(batch)
             seen += torch.tensor([len(batch), 1], dtype=torch.float64)
     finally:
