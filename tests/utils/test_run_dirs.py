@@ -71,3 +71,28 @@ def test_a_continued_in_note_that_is_missing_or_garbage_changes_nothing(tmp_path
     if note is not None:
         (session / CONTINUED_NOTE).write_bytes(note)  # only a note for people: resuming never reads it
     assert newest_last_checkpoint(tmp_path, NAME) == run / "checkpoints" / "last.ckpt"
+
+
+def test_a_newer_run_killed_before_its_first_checkpoint_is_an_error_not_a_resume_of_the_older(tmp_path: Path) -> None:
+    older = run_folder(tmp_path, "2026-12-01_10-00-00", "last.ckpt", age_s=3600)
+    killed = tmp_path / "2026-12-02_10-00-00"  # as a SIGKILL during epoch 0 leaves it: no checkpoints/ folder
+    (killed / ".hydra").mkdir(parents=True)
+    (killed / "split.json").write_text("{}")
+    with pytest.raises(ConfigError) as info:
+        newest_last_checkpoint(tmp_path, NAME)  # was: went on with the older run, in its folder, as if asked for
+    message = str(info.value)
+    assert f"the newest run, {killed}, saved no checkpoint" in message
+    assert f"ckpt_path={older / 'checkpoints' / 'last.ckpt'} goes on with the older run" in message
+    assert "leaving ckpt_path out starts a new run" in message and "put the missing file" not in message
+
+
+def test_newer_folders_of_runs_that_never_started_or_older_than_the_last_ckpt_do_not_block(tmp_path: Path) -> None:
+    typo = tmp_path / "2026-12-03_10-00-00"  # failed on its config (a wrong data.root): no split.json
+    (typo / ".hydra").mkdir(parents=True)
+    earlier = tmp_path / "2026-11-30_10-00-00"  # killed early, but before the other run last saved
+    earlier.mkdir()
+    (earlier / "split.json").write_text("{}")
+    then = time.time() - 7200
+    os.utime(earlier / "split.json", (then, then))
+    run = run_folder(tmp_path, "2026-12-01_10-00-00", "last.ckpt", age_s=3600)
+    assert newest_last_checkpoint(tmp_path, NAME) == run / "checkpoints" / "last.ckpt"

@@ -52,9 +52,11 @@ def newest_last_checkpoint(runs: Path, name: str) -> Path:
 
     Going on with an older run's last.ckpt when the newest run's is gone (deleted, or its folder moved) would resume
     another run, in that run's folder, as if it were the one asked for. So a run folder whose checkpoints/ changed
-    after that file and holds no last.ckpt, or a newer session whose continued_in.txt names a folder that no longer
-    exists, stops the resume with an error naming both. A continued_in.txt that names no folder is only a note
-    (nothing reads it to resume): it is ignored.
+    after that file and holds no last.ckpt, a newer run that saved no checkpoint at all (killed before its first
+    save: its split.json, written once its data and weights loaded, is newer), or a newer session whose
+    continued_in.txt names a folder that no longer exists, stops the resume with an error naming both. A run that
+    failed before its split.json (a typo in a path) does not count; a continued_in.txt that names no folder is only a
+    note (nothing reads it to resume): it is ignored.
     """
     # is_file: a last.ckpt that is a link to a file gone counts as missing, not as a crash in stat()
     found = sorted((p for p in runs.glob("*/checkpoints/last.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime)
@@ -64,7 +66,8 @@ def newest_last_checkpoint(runs: Path, name: str) -> Path:
     lost = [loss for folder in folders if (loss := _lost_after(folder, since))]
     if lost:
         _, what, others = max(lost)
-        fixes = [f"ckpt_path={others[-1]} goes on from that run's newest other checkpoint"] if others else []
+        fixes = [] if others is None else ["put the missing file or folder back and run the same command again"]
+        fixes += [f"ckpt_path={others[-1]} goes on from that run's newest other checkpoint"] if others else []
         if newest is not None:
             fixes.append(f"ckpt_path={newest} goes on with the older run")
         fixes.append("leaving ckpt_path out starts a new run")
@@ -72,7 +75,7 @@ def newest_last_checkpoint(runs: Path, name: str) -> Path:
         raise ConfigError(
             f"ckpt_path=last: {what}; the newest last.ckpt of {name!r} left is {older}. Expected the newest run's "
             "own last.ckpt: going on with another run's would resume a different run as if it were this one. "
-            f"Fix: put the missing file or folder back and run the same command again; or {'; or '.join(fixes)}."
+            f"Fix: {'; or '.join(fixes)}."
         )
     if newest is None:
         raise ConfigError(
@@ -82,13 +85,21 @@ def newest_last_checkpoint(runs: Path, name: str) -> Path:
     return newest
 
 
-def _lost_after(folder: Path, since: float) -> tuple[float, str, list[Path]] | None:
-    """When and how `folder` shows a run newer than `since` whose last.ckpt is gone, and the checkpoints left."""
+def _lost_after(folder: Path, since: float) -> tuple[float, str, list[Path] | None] | None:
+    """When and how `folder` shows a run newer than `since` whose last.ckpt is gone, and the checkpoints left
+    (None: the run never saved one, so there is nothing to put back)."""
     checkpoints = folder / "checkpoints"
     if checkpoints.is_dir() and not (checkpoints / "last.ckpt").is_file() and checkpoints.stat().st_mtime > since:
         others = sorted((p for p in checkpoints.rglob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime)
         what = f"the newest run, {folder}, has no checkpoints/last.ckpt (deleted or moved?)"
         return checkpoints.stat().st_mtime, what, others
+    started = folder / "split.json"
+    if not checkpoints.exists() and started.is_file() and started.stat().st_mtime > since:
+        what = (
+            f"the newest run, {folder}, saved no checkpoint (no checkpoints/ folder: it stopped before its first "
+            "save, or ran without checkpoints), so it has nothing to go on from"
+        )
+        return started.stat().st_mtime, what, None
     note = folder / CONTINUED_NOTE
     if note.is_file() and note.stat().st_mtime > since:
         try:
