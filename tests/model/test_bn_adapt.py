@@ -93,11 +93,15 @@ def test_a_lone_leftover_image_joins_the_batch_before_it_so_small_images_adapt()
     batches = list(image_batches(dataset, torch.device("cpu"), batch_size=64, num_workers=0))
     assert [len(b) for b in batches] == [65] and torch.equal(batches[0], images)
     assert adapt_bn_stats(_net(), batches, BACKBONE) == 65
-    # A rank whose whole shard is one image adds nothing rather than crash; the others' images set the statistics.
+    # A rank whose whole shard is one 32-px image adds nothing to any layer rather than crash; the others' images set
+    # the statistics. At 64 px (layer4 is 2x2) one image is enough, and counts.
     net, alone = _net(), _net()
     assert adapt_bn_stats(net, [images[:16], images[16:17]], BACKBONE) == 16
     adapt_bn_stats(alone, [images[:16]], BACKBONE)
     assert all(torch.equal(v, _buffers(alone)[k]) for k, v in _buffers(net).items())
+    one, fresh = _net(), _buffers(_net())
+    assert adapt_bn_stats(one, [torch.nn.functional.interpolate(images[:1], size=64)], BACKBONE) == 1
+    assert all(not torch.equal(v, fresh[k]) for k, v in _buffers(one).items())
 
 
 def _adapt_on_rank(rank: int, store: str, out: str) -> None:
@@ -183,3 +187,17 @@ def test_only_the_stages_still_frozen_are_adapted(root: Path, tmp_path: Path) ->
     assert adaptation.summary()["stages"] == frozen and adaptation.images == 12  # every train image: no cap
     changed = {k.split(".")[0] for k, v in _buffers(module.model).items() if not torch.equal(v, fresh[k])}
     assert changed == {"bn1", "layer1", "layer2"}  # the stem's bn1 and the two frozen layers; layer3/4 untouched
+
+
+def test_an_adaptation_that_could_use_no_image_says_the_statistics_were_kept(
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = _module(list(BACKBONE))
+    fresh = _buffers(module.model)
+    adaptation = BatchNormAdaptation(max_images=1, precision="fp32")  # one 32-px image: layer4 is 1x1
+    trainer = _trainer([adaptation], tmp_path)
+    trainer.limit_train_batches = trainer.limit_val_batches = 0
+    with caplog.at_level("WARNING", logger="retrain"):
+        trainer.fit(module, datamodule=_data(root))
+    assert adaptation.images == 0 and "the pretrained statistics are kept" in caplog.text
+    assert all(torch.equal(v, fresh[k]) for k, v in _buffers(module.model).items())

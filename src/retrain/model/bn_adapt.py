@@ -95,6 +95,25 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _single_image_pass(model: nn.Module, batch: torch.Tensor, moments: Iterable[_PooledMoments]) -> bool:
+    """Pass a one-image batch; False, with no moments added, where train-mode BatchNorm cannot normalize it.
+
+    One image gives a BatchNorm one value per channel once the map is 1x1 (a ResNet's last stage at 32 px), which
+    train mode refuses. `image_batches` makes such a batch only for a rank whose whole shard is one image.
+    """
+    moments = list(moments)
+    before = [m.sums.clone() for m in moments]
+    try:
+        model(batch)
+    except ValueError as error:
+        if "Expected more than 1 value per channel" not in str(error):
+            raise
+        for m, sums in zip(moments, before, strict=True):
+            m.sums.copy_(sums)  # the layers before the 1x1 one saw the image: take it back from them too
+        return False
+    return True
+
+
 @torch.no_grad()
 def adapt_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], stages: Iterable[str]) -> int:
     """Re-estimate the running mean and variance of `stages`' BatchNorms on `batches`; returns the images seen.
@@ -103,8 +122,8 @@ def adapt_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], stages: It
     per-channel moments pooled over all images: the same result however the images are batched or sharded. Under
     torch.distributed each rank passes its own shard (any number of batches) and the sums are added up, so all ranks
     get the same buffers.
-    The other BatchNorms keep their buffers, and every module its train/eval mode. A batch of a single image is
-    skipped (`image_batches` makes one only for a rank whose whole shard is one image).
+    The other BatchNorms keep their buffers, and every module its train/eval mode. A batch of a single image too
+    small to normalize (see `_single_image_pass`) is skipped.
     """
     adapted = batchnorms_of(model, stages)
     if not adapted:
@@ -127,9 +146,10 @@ def adapt_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], stages: It
     try:
         model.train()
         for batch in batches:
-            if len(batch) < 2:  # one image has one value per channel in the last stage at <= 63 px: BatchNorm fails
+            if len(batch) > 1:
+                model(batch)
+            elif not _single_image_pass(model, batch, moments.values()):
                 continue
-            model(batch)
             seen += torch.tensor([len(batch), 1], dtype=torch.float64)
     finally:
         for hook in hooks:
@@ -224,6 +244,12 @@ class BatchNormAdaptation(Callback):
             )
             self.images = adapt_bn_stats(model if trunk is None else trunk, batches, self.stages)
         self.seconds = time.perf_counter() - start
+        if not self.images and trainer.is_global_zero:
+            log.warning(
+                "model.bn_stats=adapt: no training image could be used (one image, too small for train-mode "
+                "BatchNorm): the pretrained statistics are kept, as with model.bn_stats=frozen. Fix: more training "
+                "images, or a larger data.image_size."
+            )
         log.info(
             "model.bn_stats=adapt: BatchNorm statistics of %s re-estimated on %d training images in %.1f s",
             ", ".join(self.stages) or "no stage",
