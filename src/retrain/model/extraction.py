@@ -106,7 +106,7 @@ def extraction_batch_size(images: ImageFolderDataModule) -> int:
 def batch_ranges(count: int, batch_size: int) -> list[range]:
     """Consecutive index ranges of `batch_size`, a lone leftover image joining the batch before it.
 
-    A batch of one image cannot be normalized in train mode (the BatchNorm adaptation) at 63 px or less, where the
+    A batch of one image cannot be normalized in train mode (the BatchNorm adaptation) at 32 px or less, where the
     last stage holds one value per channel; 65 training images would otherwise crash the pass.
     """
     starts = list(range(0, count, batch_size))
