@@ -244,7 +244,7 @@ class BatchNormAdaptation(Callback):
             )
             self.images = adapt_bn_stats(model if trunk is None else trunk, batches, self.stages)
         self.seconds = time.perf_counter() - start
-        if not self.images and trainer.is_global_zero:
+        if not self.images and batchnorms_of(model, self.stages) and trainer.is_global_zero:
             log.warning(
                 "model.bn_stats=adapt: no training image could be used (one image, too small for train-mode "
                 "BatchNorm): the pretrained statistics are kept, as with model.bn_stats=frozen. Fix: more training "
