@@ -73,11 +73,16 @@ def test_a_continued_in_note_that_is_missing_or_garbage_changes_nothing(tmp_path
     assert newest_last_checkpoint(tmp_path, NAME) == run / "checkpoints" / "last.ckpt"
 
 
-def test_a_newer_run_killed_before_its_first_checkpoint_is_an_error_not_a_resume_of_the_older(tmp_path: Path) -> None:
+@pytest.mark.parametrize("results", [None, '{"status": "preempted", "checkpoint": null}', "{not json"])
+def test_a_newer_run_killed_before_its_first_checkpoint_is_an_error_not_a_resume_of_the_older(
+    tmp_path: Path, results: str | None
+) -> None:
     older = run_folder(tmp_path, "2026-12-01_10-00-00", "last.ckpt", age_s=3600)
     killed = tmp_path / "2026-12-02_10-00-00"  # as a SIGKILL during epoch 0 leaves it: no checkpoints/ folder
     (killed / ".hydra").mkdir(parents=True)
     (killed / "split.json").write_text("{}")
+    if results is not None:  # none: SIGKILL; a SIGTERM before the first save writes "preempted"
+        (killed / "results.json").write_text(results)
     with pytest.raises(ConfigError) as info:
         newest_last_checkpoint(tmp_path, NAME)  # was: went on with the older run, in its folder, as if asked for
     message = str(info.value)
@@ -86,9 +91,13 @@ def test_a_newer_run_killed_before_its_first_checkpoint_is_an_error_not_a_resume
     assert "leaving ckpt_path out starts a new run" in message and "put the missing file" not in message
 
 
-def test_newer_folders_of_runs_that_never_started_or_older_than_the_last_ckpt_do_not_block(tmp_path: Path) -> None:
+def test_newer_folders_of_runs_that_never_started_or_ended_well_or_are_older_do_not_block(tmp_path: Path) -> None:
     typo = tmp_path / "2026-12-03_10-00-00"  # failed on its config (a wrong data.root): no split.json
     (typo / ".hydra").mkdir(parents=True)
+    smoke = tmp_path / "2026-12-04_10-00-00"  # trainer.fast_dev_run=true: ran to its end, saves no checkpoint
+    smoke.mkdir()
+    (smoke / "split.json").write_text("{}")
+    (smoke / "results.json").write_text('{"status": "ok"}')
     earlier = tmp_path / "2026-11-30_10-00-00"  # killed early, but before the other run last saved
     earlier.mkdir()
     (earlier / "split.json").write_text("{}")

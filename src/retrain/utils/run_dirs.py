@@ -10,6 +10,7 @@ lines of its log) and a note saying where the run went on. A resume from an expl
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -52,8 +53,8 @@ def newest_last_checkpoint(runs: Path, name: str) -> Path:
 
     Going on with an older run's last.ckpt when the newest run's is gone (deleted, or its folder moved) would resume
     another run, in that run's folder, as if it were the one asked for. So a run folder whose checkpoints/ changed
-    after that file and holds no last.ckpt, a newer run that saved no checkpoint at all (killed before its first
-    save: its split.json, written once its data and weights loaded, is newer), or a newer session whose
+    after that file and holds no last.ckpt, a newer run that saved no checkpoint at all and did not end well (killed
+    before its first save: its split.json, written once its data and weights loaded, is newer), or a newer session whose
     continued_in.txt names a folder that no longer exists, stops the resume with an error naming both. A run that
     failed before its split.json (a typo in a path) does not count; a continued_in.txt that names no folder is only a
     note (nothing reads it to resume): it is ignored.
@@ -94,10 +95,10 @@ def _lost_after(folder: Path, since: float) -> tuple[float, str, list[Path] | No
         what = f"the newest run, {folder}, has no checkpoints/last.ckpt (deleted or moved?)"
         return checkpoints.stat().st_mtime, what, others
     started = folder / "split.json"
-    if not checkpoints.exists() and started.is_file() and started.stat().st_mtime > since:
+    if not checkpoints.exists() and started.is_file() and started.stat().st_mtime > since and not _ended_ok(folder):
         what = (
             f"the newest run, {folder}, saved no checkpoint (no checkpoints/ folder: it stopped before its first "
-            "save, or ran without checkpoints), so it has nothing to go on from"
+            "save), so it has nothing to go on from"
         )
         return started.stat().st_mtime, what, None
     note = folder / CONTINUED_NOTE
@@ -112,6 +113,16 @@ def _lost_after(folder: Path, since: float) -> tuple[float, str, list[Path] | No
             what = f"the newest session, {folder}, went on in {target} ({CONTINUED_NOTE}), which no longer exists"
             return note.stat().st_mtime, what, []
     return None
+
+
+def _ended_ok(folder: Path) -> bool:
+    """Whether the run in `folder` ran to its end (results.json: ok), as one without checkpoints by design does
+    (trainer.fast_dev_run, callbacks=none): not a run that died, so not one `ckpt_path=last` should have meant."""
+    try:
+        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none (killed), or unreadable
+        return False
+    return isinstance(results, dict) and results.get("status") == "ok"
 
 
 def first_logged_step(checkpoint: dict[str, Any]) -> int:
