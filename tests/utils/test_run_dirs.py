@@ -94,10 +94,10 @@ def test_a_newer_run_killed_before_its_first_checkpoint_is_an_error_not_a_resume
 def test_newer_folders_of_runs_that_never_started_or_ended_well_or_are_older_do_not_block(tmp_path: Path) -> None:
     typo = tmp_path / "2026-12-03_10-00-00"  # failed on its config (a wrong data.root): no split.json
     (typo / ".hydra").mkdir(parents=True)
-    smoke = tmp_path / "2026-12-04_10-00-00"  # trainer.fast_dev_run=true: ran to its end, saves no checkpoint
-    smoke.mkdir()
-    (smoke / "split.json").write_text("{}")
-    (smoke / "results.json").write_text('{"status": "ok"}')
+    unsaved = tmp_path / "2026-12-04_10-00-00"  # callbacks=none: ran to its end, saved no checkpoint
+    unsaved.mkdir()
+    (unsaved / "split.json").write_text("{}")
+    (unsaved / "results.json").write_text('{"status": "ok"}')
     earlier = tmp_path / "2026-11-30_10-00-00"  # killed early, but before the other run last saved
     earlier.mkdir()
     (earlier / "split.json").write_text("{}")

@@ -117,7 +117,7 @@ def _lost_after(folder: Path, since: float) -> tuple[float, str, list[Path] | No
 
 def _ended_ok(folder: Path) -> bool:
     """Whether the run in `folder` ran to its end (results.json: ok), as one without checkpoints by design does
-    (trainer.fast_dev_run, callbacks=none): not a run that died, so not one `ckpt_path=last` should have meant."""
+    (callbacks=none): not a run that died, so not the one `ckpt_path=last` meant."""
     try:
         results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none (killed), or unreadable
