@@ -63,6 +63,18 @@ def test_without_either_last_ckpt_is_written_only_at_the_epoch_end(tmp_path: Pat
     assert fit(tmp_path, every_n_minutes=None) == [None] * 6 + [6]
 
 
+def test_a_fast_dev_run_smoke_test_writes_no_last_ckpt(tmp_path: Path) -> None:
+    # Lightning's on_train_end wrote one, the newest last.ckpt of the name: ckpt_path=last then resumed the smoke
+    # test's one-step model instead of the run it was checking.
+    checkpoint = VersionedCheckpoint(dirpath=tmp_path, monitor=None, save_top_k=0, save_last=True)
+    trainer = L.Trainer(
+        fast_dev_run=True, callbacks=[checkpoint], plugins=[AtomicCheckpointIO()], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(BoringModel())
+    assert trainer.global_step == 1 and list(tmp_path.glob("*.ckpt")) == []
+
+
 @pytest.mark.parametrize("setting", [{"every_n_steps": 0}, {"every_n_minutes": -5}])
 def test_a_setting_that_is_not_positive_is_refused_with_the_fix(setting: dict[str, float]) -> None:
     ((key, value),) = setting.items()

@@ -173,3 +173,15 @@ def test_after_a_resume_the_best_epoch_is_the_published_checkpoints_own(tmp_path
     assert "-epoch002-" in Path(resumed["best_checkpoint"]).name
     assert resumed["best_epoch"] == 2 and resumed["best"] == resumed["history"][2]
     assert "(epoch 2)" in out.getvalue()
+
+
+def test_a_smoke_test_publishes_nothing_saves_nothing_and_says_so(run, tmp_path: Path) -> None:
+    # debug=fast used to publish its one-batch model as the name's latest version (what predict, serve and eval load
+    # by default) and to leave a last.ckpt that ckpt_path=last then resumed instead of the real run.
+    out = io.StringIO()
+    cfg = composed(tmp_path, f"data.root={run['root']}", *FAST, "debug=fast")
+    with contextlib.redirect_stdout(out):
+        results = train(cfg)
+    assert results["status"] == "ok" and "registry" not in results
+    assert not (tmp_path / "models").exists() and not list(Path(results["run_dir"]).rglob("*.ckpt"))
+    assert "no model: no checkpoint, nothing published" in out.getvalue() and "ckpt_path=?" not in out.getvalue()

@@ -202,6 +202,15 @@ class VersionedCheckpoint(ModelCheckpoint):
         if self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """As Lightning, except that a smoke test (`trainer.fast_dev_run`) writes no last.ckpt here either.
+
+        Lightning skips every other save under fast_dev_run but this one, which made the smoke test's one-step model
+        the newest last.ckpt: `ckpt_path=last` then went on from it instead of the real run checked before.
+        """
+        if not getattr(trainer, "fast_dev_run", False):  # set at run time, not declared on Trainer
+            super().on_train_end(trainer, pl_module)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Share rank 0's stamp with every rank before any path is computed."""
         super().setup(trainer, pl_module, stage)

@@ -79,7 +79,16 @@ def _parent(artifact: Artifact | None, source: str | None, how: str) -> dict[str
 def _version_for_this_run(cfg: DictConfig) -> registry.Reservation | None:
     if not cfg.save.publish or not is_rank_zero() or not publishes_itself(cfg):  # a sweep publishes its best job
         return None
+    if _smoke_test(cfg):
+        log.info("trainer.fast_dev_run: a smoke test, so nothing is published to %s", cfg.paths.model_dir)
+        return None
     return registry.reserve_version(Path(cfg.paths.model_dir), str(cfg.name))
+
+
+def _smoke_test(cfg: DictConfig) -> bool:
+    """trainer.fast_dev_run (debug=fast): its one-batch model must not become the name's latest published version,
+    which predict, serve and eval load by default."""
+    return bool(cfg.trainer.get("fast_dev_run"))
 
 
 def _init_weights(net: torch.nn.Module, model_cfg: DictConfig, model_dir: Path) -> Artifact | None:
@@ -437,7 +446,7 @@ def _publish_phase(run: Run, preemption: Preemption, best: VersionedCheckpoint |
         results["registry"] = publish_version(
             run.reservation, module.model, module.metadata, best_path, results, full_model=cfg.save.full_model
         )
-    elif cfg.save.publish and keeps_for_sweep(cfg):
+    elif cfg.save.publish and keeps_for_sweep(cfg) and not _smoke_test(cfg):
         kept = keep_for_sweep(
             run.run_dir, module.model, module.metadata, best_path, results,
             model_dir=Path(cfg.paths.model_dir), name=str(cfg.name), full_model=cfg.save.full_model,

@@ -141,14 +141,17 @@ def _command(*args: str) -> str:
 
 
 def next_commands(results: dict[str, Any], cfg: DictConfig) -> dict[str, str]:
-    """The commands that evaluate, predict with and export the model this run produced."""
+    """The commands that evaluate, predict with and export the model this run produced (none: it kept no model)."""
     registry = results.get("registry")
+    checkpoint = results.get("best_checkpoint") or results.get("last_checkpoint")
     if registry:
         default_model_dir = (Path.cwd() / "models").resolve()
         in_default = Path(str(cfg.paths.model_dir)).resolve() == default_model_dir
         source = f"{registry['name']}@v{int(registry['version']):03d}" if in_default else _shown(registry["path"])
+    elif checkpoint:
+        source = _shown(checkpoint)
     else:
-        source = _shown(results.get("best_checkpoint") or results.get("last_checkpoint") or "?")
+        return {"saved": "no model: no checkpoint, nothing published (fast_dev_run, or no checkpoints and no publish)"}
     root = Path(str(cfg.data.root))
     images = root / "test" if (root / "test").is_dir() else root
     return {
