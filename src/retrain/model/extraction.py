@@ -129,8 +129,7 @@ def image_batches(
     channels_last: NHWC, for eager mode. The oneDNN trunk takes the loader's NCHW, which it converts fastest.
     """
     source = dataset if indices is None else Subset(dataset, indices)
-    count = len(cast(Sized, dataset)) if indices is None else len(indices)
-    batches = [list(batch) for batch in batch_ranges(count, batch_size)]
+    batches = [list(batch) for batch in batch_ranges(len(cast(Sized, source)), batch_size)]
     loader = DataLoader(source, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
     for batch, _ in loader:
         batch = batch.to(device, non_blocking=True)

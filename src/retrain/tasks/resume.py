@@ -3,17 +3,15 @@ stop, which checkpoint the rerun goes on from."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
 from retrain.callbacks.checkpoint import VersionedCheckpoint
 from retrain.errors import ConfigError
 from retrain.utils.hydra import output_dir
-from retrain.utils.run_dirs import newest_last_checkpoint
+from retrain.utils.run_dirs import newest_last_checkpoint, run_results
 
 log = logging.getLogger("retrain")
 
@@ -30,7 +28,7 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
     """
     if cfg.ckpt_path is None:
         own = output_dir() / "checkpoints" / "last.ckpt"
-        earlier = _earlier_results(output_dir() / "results.json")
+        earlier = run_results(output_dir())
         status = earlier.get("status")
         if status in ("preempted", "interrupted") and earlier.get("checkpoint") == str(own) and not own.is_file():
             raise ConfigError(
@@ -54,18 +52,6 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
             "Fix: pass an existing file, or ckpt_path=last for the newest last.ckpt of this run name."
         )
     return path
-
-
-def _earlier_results(path: Path) -> dict[str, Any]:
-    """What an earlier start of this job recorded in its results.json ({} when there is none, or it is unreadable)."""
-    if not path.is_file():
-        return {}
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
-        log.warning("%s could not be read (%s): taken as a job that left no results", path, error)
-        return {}
-    return results if isinstance(results, dict) else {}
 
 
 def resume_point(checkpoints: list[VersionedCheckpoint], resume_path: Path | None) -> Path | None:

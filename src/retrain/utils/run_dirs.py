@@ -95,7 +95,9 @@ def _lost_after(folder: Path, since: float) -> tuple[float, str, list[Path] | No
         what = f"the newest run, {folder}, has no checkpoints/last.ckpt (deleted or moved?)"
         return checkpoints.stat().st_mtime, what, others
     started = folder / "split.json"
-    if not checkpoints.exists() and started.is_file() and started.stat().st_mtime > since and not _ended_ok(folder):
+    newer_start = not checkpoints.exists() and started.is_file() and started.stat().st_mtime > since
+    # A run that ended well without checkpoints (callbacks=none) did not die: not the one `ckpt_path=last` meant.
+    if newer_start and run_results(folder).get("status") != "ok":
         what = (
             f"the newest run, {folder}, saved no checkpoint (no checkpoints/ folder: it stopped before its first "
             "save), so it has nothing to go on from"
@@ -115,14 +117,17 @@ def _lost_after(folder: Path, since: float) -> tuple[float, str, list[Path] | No
     return None
 
 
-def _ended_ok(folder: Path) -> bool:
-    """Whether the run in `folder` ran to its end (results.json: ok), as one without checkpoints by design does
-    (callbacks=none): not a run that died, so not the one `ckpt_path=last` meant."""
+def run_results(folder: Path) -> dict[str, Any]:
+    """What the run in `folder` recorded in its results.json ({} when there is none, or it is unreadable)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return {}
     try:
-        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none (killed), or unreadable
-        return False
-    return isinstance(results, dict) and results.get("status") == "ok"
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        log.warning("%s could not be read (%s): taken as a job that left no results", path, error)
+        return {}
+    return results if isinstance(results, dict) else {}
 
 
 def first_logged_step(checkpoint: dict[str, Any]) -> int:
