@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import retrain.callbacks.preemption as preemption_module
 from retrain.artifacts.registry import reserve_version
-from retrain.callbacks.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preemption
+from retrain.callbacks.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preemption, PreemptionCheckpoint
 
 
 @pytest.fixture
@@ -48,8 +48,14 @@ def cpu_trainer(**kwargs: Any) -> L.Trainer:
     )
 
 
-class TermAtFirstTestBatch(L.Callback):
-    """Sends this process SIGTERM while the first test batch runs."""
+class TermAtFirstBatch(L.Callback):
+    """Sends this process SIGTERM while the first training or test batch runs."""
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """SIGTERM in batch 0 only."""
+        self.on_test_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         """SIGTERM in batch 0 only."""
@@ -74,7 +80,7 @@ def test_sigterm_between_trainer_runs_is_noted_and_the_handler_is_put_back(escap
 def test_a_trainer_run_inside_keeps_the_note_and_its_loop_stops(escaped: list[int], tmp_path: Path) -> None:
     # What the design relies on: a Trainer chains the handler it finds after its own and restores it at teardown.
     with Preemption(cpu_trainer(), tmp_path, "m", [], None) as preemption:
-        tester = cpu_trainer(callbacks=[TermAtFirstTestBatch()], limit_test_batches=3)
+        tester = cpu_trainer(callbacks=[TermAtFirstBatch()], limit_test_batches=3)
         with pytest.raises(SIGTERMException):  # a SystemExit: unhandled, exit code 0
             tester.test(BoringModel(), verbose=False)
         assert preemption.received
@@ -121,3 +127,24 @@ def test_ctrl_c_takes_the_sigterm_path_and_a_second_one_stops_at_once(escaped: l
     assert stop.value.code == INTERRUPTED_EXIT_CODE == 130
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "interrupted"
     assert signal.getsignal(signal.SIGINT) is before and escaped == []
+
+
+@pytest.mark.parametrize("smoke_test", [False, True])
+def test_sigterm_in_a_smoke_test_saves_no_last_ckpt(
+    smoke_test: bool, escaped: list[int], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A smoke test's last.ckpt would be what `ckpt_path=last` resumes, instead of the real run checked before it.
+    saver = PreemptionCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    limits: dict[str, Any] = {"fast_dev_run": True} if smoke_test else {"max_epochs": 1, "limit_train_batches": 2}
+    with Preemption(cpu_trainer(), tmp_path, "m", [], None) as preemption:
+        trainer = cpu_trainer(callbacks=[saver, TermAtFirstBatch()], limit_val_batches=0, **limits)
+        with pytest.raises(SIGTERMException):
+            trainer.fit(BoringModel())
+        preemption.trainer = trainer
+        with caplog.at_level(logging.WARNING, logger="retrain"), pytest.raises(SystemExit):
+            preemption.stop("fit", saver.saved_path)
+    assert saver.path.exists() is not smoke_test and (saver.saved_path is None) is smoke_test
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["resume_command"] is None) is smoke_test
+    assert ("run the smoke test again" in caplog.text) is smoke_test
+    assert escaped == []

@@ -106,8 +106,11 @@ class PreemptionCheckpoint(L.Callback):
         self._noted = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Save the checkpoint if the exception is Lightning's stop on SIGTERM (any other error saves nothing)."""
-        if isinstance(exception, SIGTERMException):
+        """Save the checkpoint if the exception is Lightning's stop on SIGTERM (any other error saves nothing).
+
+        A smoke test (`trainer.fast_dev_run`) saves none: `ckpt_path=last` would resume its one-batch model.
+        """
+        if isinstance(exception, SIGTERMException) and not getattr(trainer, "fast_dev_run", False):
             trainer.save_checkpoint(self.path, weights_only=False)  # every rank calls it; rank 0 writes
             self.saved_path = self.path
 
@@ -240,6 +243,8 @@ class Preemption:
             write_json(self.run_dir / "results.json", results)
             if command:
                 how = f"resume from {checkpoint} with: {command}"
+            elif getattr(trainer, "fast_dev_run", False):
+                how = "run the smoke test again (trainer.fast_dev_run saves no checkpoint: there is nothing to resume)"
             else:
                 how = "start again: no checkpoint was saved (no PreemptionCheckpoint, and checkpoint.save_last=false)"
             stopped_on = "Ctrl-C" if interrupted else signal.Signals(self.signal or signal.SIGTERM).name
