@@ -2,6 +2,7 @@
 
     python bench/frozen_head.py           # 720 images at 224 px (480 train, 240 val), 10 epochs, two cases
     python bench/frozen_head.py --quick   # a smoke run: 48 images at 64 px, 2 epochs, the shift case alone
+    python bench/frozen_head.py --data DIR --weights W.pth   # your own ImageFolder (train/ and val/) and resnet18
 
 Each side is one process, timed from start to exit: imports, data, training, and for retrain the checkpoints, the
 report and the registry version it publishes by default. Both start from the same state_dict file, train a new fc
@@ -262,6 +263,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=max(0, min(8, (os.cpu_count() or 1) - 1)))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs of retrain's defaults per case (median)")
+    parser.add_argument(
+        "--data", type=Path, help="an ImageFolder of your own with train/ and val/ folders: one case on it instead"
+    )
+    parser.add_argument(
+        "--weights", type=Path, help="with --data: a resnet18 state_dict to start from (default: tints)"
+    )
     parser.add_argument("--plain-loop", help=argparse.SUPPRESS)  # internal: run the plain loop in this process
 
 
@@ -274,22 +281,34 @@ def main() -> None:
     if args.quick:  # checks the script, the numbers mean nothing
         args.per_class, args.image_size, args.epochs, args.repeats = 16, 64, 2, 1
     setup = Setup(args.image_size, args.epochs, args.batch_size, args.workers, args.per_class, args.seed, args.repeats)
-    weights = pretrained(setup)
-    cases = [("shift", target_set(setup, "scan"), weights)]
-    if not args.quick:
+    weights = args.weights or pretrained(setup)
+    if args.data:  # data not built to show retrain off: the same job on the user's own images
+        missing = [str(args.data / split) for split in ("train", "val") if not (args.data / split).is_dir()]
+        if missing or not weights.is_file():
+            sys.exit(
+                f"--data needs train/ and val/ ImageFolder folders and --weights a file; missing: {missing or weights}"
+            )
+        cases = [(f"your data ({args.data.name})", args.data.resolve(), weights.resolve())]
+    else:
+        cases = [("shift", target_set(setup, "scan"), weights)]
+    if not args.quick and not args.data:
         cases.append(("no shift", target_set(setup, "photo"), with_statistics_at(weights, setup)))
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, root, backbone in cases:
             rows += run_case(name, root, backbone, setup, Path(tmp) / name.replace(" ", "-"), not args.quick)
     n_val = setup.per_class // 2
+    images = "your images" if args.data else f"{3 * setup.per_class} train + {3 * n_val} val images"
+    backbone = (
+        f"backbone {args.weights}" if args.weights else f"backbone pretrained at {PRETRAIN_SIZE} px on other tints"
+    )
     print_report(
         "Head-only transfer: retrain's defaults vs the plain loop, whole processes",
         rows,
         notes=[
-            f"{3 * setup.per_class} train + {3 * n_val} val images at {setup.size} px, batch {setup.batch_size}, "
-            f"{setup.workers} loader worker(s), {setup.epochs} epochs, SGD(fc, lr=0.001, momentum=0.9); backbone "
-            f"pretrained at {PRETRAIN_SIZE} px on other tints. Wall time: process start to exit, imports included.",
+            f"{images} at {setup.size} px, batch {setup.batch_size}, "
+            f"{setup.workers} loader worker(s), {setup.epochs} epochs, SGD(fc, lr=0.001, momentum=0.9); {backbone}. "
+            "Wall time: process start to exit, imports included.",
         ],
     )
 
