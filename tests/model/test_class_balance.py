@@ -33,3 +33,12 @@ def test_balanced_accuracy_is_the_mean_recall_and_can_be_monitored() -> None:
     values = metrics.compute()
     assert float(values["val/acc"]) == 0.75
     assert abs(float(values["val/bal_acc"]) - (1.0 + 0.5 + 0.0) / 3) < 1e-6
+
+
+def test_balanced_accuracy_leaves_out_a_class_with_no_image_in_the_split() -> None:
+    # A fold without a fox that predicts one: scikit-learn, the report and the TTA table average the recalls of
+    # cats and dogs (1/3 and 1); torchmetrics' macro accuracy counted the fox as recall 0 too (0.4444).
+    metrics = _module().val_metrics
+    labels, predicted = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([2, 2, 0, 1, 1, 1])
+    metrics.update(F.one_hot(predicted, 3).float(), labels)
+    assert abs(float(metrics.compute()["val/bal_acc"]) - (1 / 3 + 1) / 2) < 1e-6

@@ -12,7 +12,7 @@ import torch
 from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassStatScores
 
 from retrain.errors import TrainingError
 from retrain.model.surgery import param_groups, set_bn_mode
@@ -42,12 +42,35 @@ def channels_last_pays(device_type: str, precision: str, image_size: int | None)
     return device_type == "cpu" and image_size is not None and image_size >= CHANNELS_LAST_MIN_CPU_SIZE
 
 
+class BalancedAccuracy(MulticlassStatScores):
+    """The mean recall over the classes that have images in the split, as scikit-learn's balanced_accuracy_score.
+
+    torchmetrics' macro accuracy also averages in, as recall 0, a class with no image in the split that the model
+    predicted: a k-fold split or test split missing a small class scored lower than the report and the TTA table,
+    and `monitor=val/bal_acc` chose by that number.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes, average="none")
+
+    def compute(self) -> torch.Tensor:
+        """Recall per class with images, averaged (0 when the split had no image at all)."""
+        tp, _, _, fn = self._final_state()
+        support = tp + fn
+        present = support > 0
+        if not present.any():
+            return torch.tensor(0.0)
+        return (tp[present].double() / support[present]).mean().float()
+
+
 def _metrics(num_classes: int) -> MetricCollection:
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "f1": MulticlassF1Score(num_classes, average="macro"),
         # Balanced accuracy: the mean of the per-class recalls, which a lopsided folder's plain accuracy hides.
-        "bal_acc": MulticlassAccuracy(num_classes, average="macro"),
+        "bal_acc": BalancedAccuracy(num_classes),
     }
     if num_classes >= 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
