@@ -60,5 +60,29 @@ def test_a_flat_folder_is_split_as_recorded_even_after_it_moved(make_metadata, t
         names = [Path(p).name for p, _ in trained.samples[split]]
         assert [Path(p).name for p, _ in same.samples[split]] == names
         assert [Path(p).name for p, _ in again.samples[split]] == names
-    elsewhere = trained_splits(meta, moved, source="cats@v1")  # another folder: split by the given fractions
-    assert elsewhere.sizes() == discover(moved).sizes() != trained.sizes()
+    # Without `moved` too: the same files anywhere are split as recorded (eval's own seed would score training images).
+    assert trained_splits(meta, moved, source="cats@v1").sizes() == trained.sizes()
+    other = make_imagefolder(tmp_path / "other", layout="folder", per_class=7)  # other images: the given fractions
+    assert trained_splits(meta, other, source="cats@v1").sizes() == discover(other).sizes() != trained.sizes()
+
+
+def test_a_copy_of_the_flat_folder_is_split_as_recorded_and_a_grown_one_is_said_to_be_drawn_anew(
+    make_metadata, tmp_path, caplog
+):
+    # eval data.root=COPY used eval's own seed: 5 of 7 "test" images were training images, at exit 0.
+    folder = make_imagefolder(tmp_path / "flat", layout="folder", per_class=6)
+    trained = discover(folder, val_fraction=0.3, test_fraction=0.2, seed=7)
+    meta = _meta(make_metadata, dataset=trained.summary())
+    copy = make_imagefolder(tmp_path / "copy", layout="folder", per_class=6)  # the same files (same names, bytes)
+    with caplog.at_level("WARNING", logger="retrain"):
+        again = trained_splits(meta, copy, source="cats@v1")
+    assert {s: [Path(p).name for p, _ in items] for s, items in again.samples.items()} == {
+        s: [Path(p).name for p, _ in items] for s, items in trained.samples.items()
+    }
+    assert "drawn anew" not in caplog.text
+    # The training folder grew since (its run folder, with split.json, gone): the same seed draws other test images.
+    make_imagefolder(tmp_path / "flat", layout="folder", per_class=9)
+    with caplog.at_level("WARNING", logger="retrain"):
+        trained_splits(meta, folder, source="cats@v1")
+    assert "holds other images than the folder cats@v1 was trained on" in caplog.text
+    assert "score too high" in caplog.text and "DIR/test/<class>/" in caplog.text

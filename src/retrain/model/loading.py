@@ -6,7 +6,9 @@ the same way. Lightning-free: predicting with a checkpoint does not pay for impo
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -17,6 +19,8 @@ from retrain.data.splits import DataSplits, split_as_recorded
 from retrain.errors import ConfigError, DataError
 from retrain.model.resnet import build_resnet
 from retrain.model.surgery import load_weights
+
+log = logging.getLogger("retrain")
 
 
 def load_trained(source: str, *, model_dir: Path, allow_pickle: bool = False) -> tuple[nn.Module, ArtifactMetadata]:
@@ -54,11 +58,14 @@ def trained_splits(
         )
     here = Path(str(root)).expanduser().resolve()
     same = moved or here == Path(str(recorded.get("root", "/nonexistent")))
-    splits = split_as_recorded(
-        here, recorded if same else None, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
-    )
     if same:  # a k-fold CV model: its val is its fold of the pool
+        splits = split_as_recorded(here, recorded, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         splits = as_recorded(splits, recorded)
+    else:
+        splits = _copy_of_the_trained_folder(here, recorded) or split_as_recorded(
+            here, None, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        )
+    _warn_if_drawn_from_other_images(splits, recorded, source)
     if splits.class_names != meta.class_names:
         raise DataError(
             f"The classes in {here} ({splits.class_names}) differ from the model's ({meta.class_names}). "
@@ -66,3 +73,29 @@ def trained_splits(
             f"train on this folder from the model (python train.py model.init_from={source} data.root={root})."
         )
     return splits
+
+
+def _copy_of_the_trained_folder(here: Path, recorded: dict[str, Any]) -> DataSplits | None:
+    """The recorded split at `here` when `here` holds the very files the model was split from (a copied or moved
+    flat folder), else None: split with eval's own seed, a copy would put training images in the test split."""
+    if recorded.get("layout") != "folder" or not recorded.get("fingerprint"):
+        return None
+    drawn = as_recorded(split_as_recorded(here, {k: v for k, v in recorded.items() if k != "split_file"}), recorded)
+    return drawn if drawn.fingerprint() == recorded["fingerprint"] else None
+
+
+def _warn_if_drawn_from_other_images(splits: DataSplits, recorded: dict[str, Any], source: str) -> None:
+    """Say so when a flat folder's held-out images are drawn from files other than those the model was split from:
+    a training image among them (a folder that grew, a copy with more images) would score too high, silently."""
+    if splits.layout != "folder" or not recorded.get("fingerprint") or splits.fingerprint() == recorded["fingerprint"]:
+        return
+    log.warning(
+        "%s holds other images than the folder %s was trained on (%s), so its val and test images are drawn anew "
+        "(data.split_seed=%d): any image the model trained on that is also here may be among them and score too "
+        "high. Fix: to score only held-out images, put them in DIR/test/<class>/ (and the training images in "
+        "DIR/train/<class>/), or keep the training run's folder, whose split.json eval then reuses.",
+        splits.root,
+        source,
+        recorded.get("root", "?"),
+        splits.split_seed,
+    )
