@@ -34,9 +34,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     net, meta = load_trained(source, model_dir=Path(cfg.paths.model_dir), allow_pickle=cfg.allow_pickle)
     tta = check_tta(cfg.get("tta"), meta.preprocessing, source=source)
     splits = trained_splits(meta, cfg.data.root, source=source, **split_options(cfg.data))
-    split = cfg.split or ("test" if "test" in splits.samples else "val")
-    if split not in splits.samples:
-        raise DataError(f"{splits.root} has no {split!r} split; it has {sorted(splits.samples)}. Fix: e.g. split=val.")
+    split = scored_split(splits, cfg.split, source)
     splits.samples["test"] = splits.samples[split]
     datamodule = make_datamodule(splits, cfg.data, image_size=meta.preprocessing.image_size, augment="none")
     module = ClassifierModule(net, meta.class_names)
@@ -60,6 +58,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     log.info("%s on %s (%d images): %s", source, _described(splits, split), len(splits.samples[split]), scores)
     log.info("results: %s", path)
     return results
+
+
+def scored_split(splits: DataSplits, asked: str | None, source: str) -> str:
+    """The split eval scores (`asked`, else test where there is one, else val), refused when it has no image."""
+    split = asked or ("test" if "test" in splits.samples else "val")
+    if split not in splits.samples:
+        raise DataError(f"{splits.root} has no {split!r} split; it has {sorted(splits.samples)}. Fix: e.g. split=val.")
+    if not splits.samples[split]:
+        raise DataError(
+            f"The {split} split of {splits.root} holds no image, so {source} has nothing to be scored on (a k-fold "
+            "refit trains on every image of the pool: its val is empty). Fix: data.root=DIR with held-out images "
+            "in DIR/test/<class>/."
+        )
+    return split
 
 
 def _tta_gain(
