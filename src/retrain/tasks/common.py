@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from retrain.artifacts.formats import Artifact
 from retrain.data.datamodule import ImageFolderDataModule
 from retrain.data.demo import build_demo_dataset
 from retrain.data.folds import as_recorded, fold_split
@@ -38,6 +40,21 @@ DATAMODULE_KEYS = (
     "sampler",
     "hflip",
 )
+
+
+def inherit_hflip(data_cfg: DictConfig, parent: Artifact | None, overrides: Iterable[str]) -> None:
+    """Keep `data.hflip=false` from the model a run retrains or resumes: its images must not be mirrored (text,
+    digits, road signs), so a retrain that forgot the setting would train on mirrored images and drop the mark
+    that makes eval and predict refuse `tta=flip`. A `data.hflip=...` on the command line still decides."""
+    pre = ((parent.metadata if parent else None) or {}).get("preprocessing") or {}
+    if pre.get("hflip", True) or not data_cfg.hflip:
+        return
+    origin = parent.path if parent and parent.path else "the model it starts from"
+    if any(str(o).split("=", 1)[0].lstrip("+~") == "data.hflip" for o in overrides):
+        log.warning("data.hflip=true: the images are mirrored, although %s was trained with data.hflip=false", origin)
+        return
+    data_cfg.hflip = False
+    log.info("data.hflip=false, as %s was trained (its images are never mirrored); data.hflip=true overrides", origin)
 
 
 def find_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None) -> DataSplits:

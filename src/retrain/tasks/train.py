@@ -41,6 +41,7 @@ from retrain.model.resnet import build_resnet
 from retrain.model.surgery import apply_freeze, load_weights, parse_freeze
 from retrain.sweeps import keeps_for_sweep, publishes_itself
 from retrain.tasks.common import (
+    inherit_hflip,
     make_callbacks,
     make_datamodule,
     make_loggers,
@@ -91,22 +92,25 @@ def _smoke_test(cfg: DictConfig) -> bool:
     return bool(cfg.trainer.get("fast_dev_run"))
 
 
-def _init_weights(net: torch.nn.Module, model_cfg: DictConfig, model_dir: Path) -> Artifact | None:
-    """Load `model.init_from` into the new network (a new head when the class count differs); None without one."""
+def _init_source(model_cfg: DictConfig, model_dir: Path) -> Artifact | None:
+    """Read `model.init_from` (weights and metadata); None without one."""
     source = model_cfg.init_from
     if source is None:
         return None
-    artifact = load_source(
+    return load_source(
         str(source),
         model_dir=model_dir,
         allow_pickle=model_cfg.allow_pickle,
         arch=model_cfg.arch,
         check_hash=model_cfg.check_hash,
     )
-    head_note = load_weights(net, artifact.state_dict, source=str(source))
+
+
+def _init_weights(net: torch.nn.Module, source: Artifact, name: str) -> None:
+    """Load `model.init_from` into the new network (a new head when the class count differs)."""
+    head_note = load_weights(net, source.state_dict, source=name)
     if head_note:
         log.info(head_note)
-    return artifact
 
 
 def _module(
@@ -200,8 +204,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         resume_step = first_logged_step(resumed.checkpoint or {})
         continue_run(cfg, continued, run_dir, resume_step)
         run_dir = continued
+    source = _init_source(cfg.model, Path(cfg.paths.model_dir)) if resumed is None else None
+    inherit_hflip(cfg.data, resumed or source, HydraConfig.get().overrides.task)  # before the transforms are built
     data = _data_phase(cfg, run_dir, resumed)
-    model = _model_phase(cfg, data, resumed, resume_path)
+    model = _model_phase(cfg, data, resumed, resume_path, source)
     _record_data(run_dir, data)
     reservation = _version_for_this_run(cfg)
     # A run that fails or is stopped (an error, Ctrl-C) drops its reservation; its number is never reused.
@@ -258,10 +264,13 @@ def _record_data(run_dir: Path, data: DataParts) -> None:
             (run_dir / "bad_files.txt").write_text("\n".join(data.bad_files) + "\n")
 
 
-def _model_phase(cfg: DictConfig, data: DataParts, resumed: Artifact | None, resume_path: Path | None) -> ModelParts:
+def _model_phase(
+    cfg: DictConfig, data: DataParts, resumed: Artifact | None, resume_path: Path | None, source: Artifact | None
+) -> ModelParts:
     """Build the network for the data's classes, load its weights, freeze, prune or prepare QAT as configured."""
     net = build_resnet(cfg.model.arch, len(data.splits.class_names))
-    source = _init_weights(net, cfg.model, Path(cfg.paths.model_dir)) if resumed is None else None
+    if source is not None:
+        _init_weights(net, source, str(cfg.model.init_from))
     callbacks = console.without_disabled_progress_bar(make_callbacks(cfg), cfg.trainer.enable_progress_bar)
     unfreeze = next((cb for cb in callbacks if isinstance(cb, ProgressiveUnfreeze)), None)
     frozen = parse_freeze(cfg.model.freeze)
