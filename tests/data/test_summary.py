@@ -111,3 +111,21 @@ def test_a_long_class_list_shows_the_smallest_and_largest_classes(tmp_path: Path
     assert [row.split()[0] for row in table[1:11]] == [f"c{i:02d}" for i in range(10)]
     assert table[11] == "  ... 10 classes not shown"
     assert [row.split()[0] for row in table[12:17]] == ["c20", "c21", "c22", "c23", "c24"]
+
+
+def test_copies_of_train_images_in_val_are_warned_about_and_share_a_fold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # DIR/train + DIR/val with 4 train images copied into val/: `retrain validate` saw the leak, but training said
+    # nothing, and k-fold CV put each copy in another fold than its original (a val image trained its own fold).
+    root = make_imagefolder(tmp_path / "split", per_class=8)
+    originals = sorted((root / "train" / "cat").iterdir())[:4]
+    for i, original in enumerate(originals):
+        shutil.copy(original, root / "val" / "cat" / f"dup_{i}{original.suffix}")
+    with caplog.at_level(logging.WARNING, logger="retrain"):
+        prepare_splits(data_config(root))
+    assert "4 images in a held-out split have the same bytes as an image of an earlier split" in caplog.text
+    for fold in range(3):
+        splits, _ = prepare_splits(data_config(root, fold=fold, folds=3))
+        train = {Path(p).read_bytes() for p, _ in splits.samples["train"]}
+        assert not [p for p, _ in splits.samples["val"] if Path(p).read_bytes() in train], f"fold {fold} leaks"

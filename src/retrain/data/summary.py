@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrain.data.splits import LINKED_FILE, SKIPPED_IMAGE, SYMLINK_LOOP, DataSplits
-from retrain.data.validate import ImageSize, ValidationReport, format_size_range, shown_path
+from retrain.data.validate import LEAKAGE, ImageSize, ValidationReport, format_size_range, shown_path
 
 log = logging.getLogger("retrain")
 
@@ -98,8 +98,27 @@ class DataSummary:
 def summarize(splits: DataSplits, report: ValidationReport | None = None) -> DataSummary:
     """The summary of what will be trained on, and every warning it deserves; `report` gives the image sizes."""
     summary = DataSummary(splits, report.size_range if report else None)
-    summary.warnings = [*_class_warnings(splits), *_folder_warnings(splits), *_imbalance_warning(summary)]
+    summary.warnings = [
+        *_class_warnings(splits),
+        *_folder_warnings(splits),
+        *_leakage_warning(splits, report),
+        *_imbalance_warning(summary),
+    ]
     return summary
+
+
+def _leakage_warning(splits: DataSplits, report: ValidationReport | None) -> list[str]:
+    """Images of val/ or test/ with the same bytes as one of an earlier split: scored as if never seen."""
+    leaks = [p for p in report.problems if p.kind == LEAKAGE] if report else []
+    if not leaks:
+        return []
+    kept = " (k-fold CV keeps identical files of train/ and val/ in one fold)" if splits.cv else ""
+    return [
+        f"{_count(len(leaks), 'image')} in a held-out split have the same bytes as an image of an earlier split "
+        f"(e.g. {shown_path(splits.root, leaks[0].path)}: {leaks[0].detail}): they score as images never seen, "
+        f"so the held-out numbers come out too high{kept}. Fix: remove the copies; `retrain validate "
+        f"{splits.root}` lists them all."
+    ]
 
 
 def _class_warnings(splits: DataSplits) -> list[str]:

@@ -63,6 +63,7 @@ class ValidationReport:
     n_files: int = 0  # files with an image extension that were checked
     class_names: dict[str, list[str]] = field(default_factory=dict)  # per split, or under ALL
     size_range: tuple[ImageSize, ImageSize] | None = None  # fewest and most pixels among the readable images
+    identical: list[list[Path]] = field(default_factory=list)  # byte-identical files in two or more splits
 
     def bad_files(self) -> list[Path]:
         """The files that must be left out of training, because no loader can read them."""
@@ -160,7 +161,7 @@ def scan(root: str | Path, *, mode: str = "quick", workers: int | None = None) -
         linked = {p.path for p in walk.linked_classes()}
         survey.check_classes(report.class_names, folders, images, good, linked)
         if report.layout == "split":
-            survey.check_leakage(good, pool)
+            report.identical = survey.check_leakage(good, pool)
     report.problems = sorted(survey.problems, key=lambda p: (KINDS.index(p.kind), str(p.path)))
     return report
 
@@ -244,7 +245,8 @@ class _Survey:
             for name in sorted(other - train):
                 self.add(folders["train"] / name, MISSING_CLASS, f"class {name!r} is in {split}/ but not in train/")
 
-    def check_leakage(self, good: list[tuple[str, str, Path]], pool: ThreadPoolExecutor) -> None:
+    def check_leakage(self, good: list[tuple[str, str, Path]], pool: ThreadPoolExecutor) -> list[list[Path]]:
+        """Report every image whose bytes are also in an earlier split; returns the groups of identical files."""
         # Only files whose size occurs in two splits can be equal, so most files are never hashed.
         by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
         for split, _, path in good:
@@ -254,13 +256,15 @@ class _Survey:
         by_digest: dict[str, list[tuple[str, Path]]] = defaultdict(list)
         for item, digest in zip(candidates, digests, strict=True):
             by_digest[digest].append(item)
-        for group in by_digest.values():
+        leaking = [group for group in by_digest.values() if len({s for s, _ in group}) > 1]
+        for group in leaking:
             first_split = min(SPLITS.index(s) for s, _ in group)
             original = min(p for s, p in group if SPLITS.index(s) == first_split)
             for split, path in group:
                 if SPLITS.index(split) > first_split:
                     relative = original.relative_to(self.root)
                     self.add(path, LEAKAGE, f"same bytes as {relative}: the image leaks across splits")
+        return [sorted(path for _, path in group) for group in leaking]
 
     def add(self, path: Path, kind: str, detail: str) -> None:
         self.problems.append(Problem(path, kind, detail))

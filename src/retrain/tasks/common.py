@@ -88,6 +88,8 @@ def prepare_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None)
         if bad:
             log.warning("skipping %d bad files (data.on_bad_file=skip); listed in bad_files.txt", len(bad))
             splits = splits.without({os.path.abspath(p) for p in bad})
+    if report is not None:  # identical files in train/ and val/ share a fold, as in a flat folder (data/folds.py)
+        splits.duplicates += [[str(splits.root / p.relative_to(report.root)) for p in i] for i in report.identical]
     if (recorded or {}).get("cv"):  # a resumed fold run: the folds it was trained with (data/folds.py)
         splits = as_recorded(splits, recorded)
     elif data_cfg.get("fold") is not None:  # k-fold CV: this fold's part of the pool validates
