@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrain.errors import ConfigError
+from retrain.errors import ArtifactError, ConfigError
 from retrain.export.onnx import export_onnx
 from retrain.inference.deploy_info import deploy_info, to_props
 from retrain.inference.runtimes import FILE_NAMES
@@ -77,6 +78,26 @@ def test_auto_measures_every_full_precision_backend_and_says_which_won(tmp_path:
     assert "only full-precision backend" in exported.backend.reason
     with pytest.raises(ConfigError, match=r"offers only \['eager', 'onnx'\].*formats=\[int8\]"):
         load_served_model("cats@latest", ServeSettings(backend="int8"), model_dir=models, allow_pickle=False)
+
+
+def test_an_export_with_other_classes_than_its_version_is_never_served_under_the_version(
+    tmp_path: Path, make_version
+) -> None:
+    # exports/ is not in the registry's digests: an ONNX with the class names reversed answered "triangle" for a
+    # circle as "demo@v001" (auto picked it for speed), and `retrain registry verify` said ok.
+    models = tmp_path / "models"
+    folder = make_version(models, seed=0, classes=CLASSES)
+    net, meta = load_trained(str(folder), model_dir=models)
+    info = dataclasses.replace(deploy_info(meta, "cats@v001"), class_names=list(reversed(CLASSES)))
+    onnx = export_onnx(
+        net, torch.randn(2, 3, 32, 32), folder / "exports" / FILE_NAMES["onnx"], to_props(info), opset=23
+    )
+    settings = ServeSettings.from_config({"max_batch_size": 4})
+    model = load_served_model("cats@latest", settings, model_dir=models, allow_pickle=False)
+    assert model.backend.kind == "eager" and "onnx could not be loaded" in model.backend.reason
+    for source, backend in (("cats@latest", "onnx"), (str(onnx), "auto")):
+        with pytest.raises(ArtifactError, match=r"does not carry the class_names of the version it sits in"):
+            load_served_model(source, ServeSettings(backend=backend), model_dir=models, allow_pickle=False)
 
 
 class FakeModel:

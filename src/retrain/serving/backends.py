@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from retrain.artifacts.metadata import ArtifactMetadata
 from retrain.artifacts.registry import NAME_RE, known_names, resolve
 from retrain.errors import ArtifactError, ConfigError
 from retrain.inference.deploy_info import deploy_info
 from retrain.inference.runtimes import FILE_NAMES, Runtime, detect_kind, eager_runtime, load_runtime
 from retrain.model.loading import load_trained
+from retrain.utils.io import read_json
 
 log = logging.getLogger("retrain")
 
@@ -79,7 +81,7 @@ def offered(source: str, folder: Path | None) -> dict[str, Path]:
 def load_backend(kind: str, path: Path, *, device: str, model_dir: Path, allow_pickle: bool) -> Runtime:
     """Load one backend: the eager model (on `device`) from any SOURCE, or an exported file in its runtime."""
     if kind != "eager":
-        return load_runtime(path)
+        return _as_its_version(load_runtime(path), path)
     source = str(path)
     net, meta = load_trained(source, model_dir=model_dir, allow_pickle=allow_pickle)
     runtime = eager_runtime(net.to(device), deploy_info(meta, source))
@@ -91,6 +93,33 @@ def load_backend(kind: str, path: Path, *, device: str, model_dir: Path, allow_p
         return on_cpu(images.to(device, non_blocking=True)).cpu()
 
     return Runtime("eager", predict, runtime.info)
+
+
+def _as_its_version(runtime: Runtime, path: Path) -> Runtime:
+    """An export in a version's exports/ folder, refused unless it carries that version's classes and preprocessing.
+
+    The registry's digests cover the version's weights and metadata, not exports/: a swapped or edited export would
+    otherwise answer, under the version's name, with other labels or another input pipeline.
+    """
+    version = path.parent.parent
+    if path.parent.name != "exports" or not (version / "metadata.json").is_file():
+        return runtime
+    meta = ArtifactMetadata.from_dict(read_json(version / "metadata.json"), source=version)
+    differs = [
+        what
+        for what, ours, theirs in (
+            ("class_names", runtime.info.class_names, meta.class_names),
+            ("preprocessing", runtime.info.preprocessing.to_dict(), meta.preprocessing.to_dict()),
+        )
+        if ours != theirs
+    ]
+    if differs:
+        raise ArtifactError(
+            f"{path} does not carry the {' and '.join(differs)} of the version it sits in ({version}): it was "
+            f"changed or copied from another model. Fix: export the version again (python export.py "
+            f"ckpt_path={version}), or serve its weights with serve.backend=eager."
+        )
+    return runtime
 
 
 def choose_backend(
