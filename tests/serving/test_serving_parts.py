@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -98,6 +99,19 @@ def test_an_export_with_other_classes_than_its_version_is_never_served_under_the
     for source, backend in (("cats@latest", "onnx"), (str(onnx), "auto")):
         with pytest.raises(ArtifactError, match=r"does not carry the class_names of the version it sits in"):
             load_served_model(source, ServeSettings(backend=backend), model_dir=models, allow_pickle=False)
+
+
+def test_weights_from_outside_the_registry_are_named_by_their_path(tmp_path: Path, make_version) -> None:
+    # A run's last.ckpt carries the name and version its run reserved, but not the weights published there: it was
+    # served as "demo@v001" while demo@v001 answered otherwise. Outside a version folder, the path names the model.
+    models = tmp_path / "models"
+    folder = make_version(models, seed=0, classes=CLASSES)
+    outside = tmp_path / "run" / "checkpoints" / "model.safetensors"
+    outside.parent.mkdir(parents=True)
+    shutil.copy(folder / "model.safetensors", outside)
+    settings = ServeSettings(backend="eager")
+    for source, label in ((str(outside), str(outside)), (str(folder / "model.safetensors"), "cats@v001")):
+        assert load_served_model(source, settings, model_dir=models, allow_pickle=False).label == label
 
 
 class FakeModel:

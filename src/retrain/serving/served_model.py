@@ -98,6 +98,15 @@ class ServedModel:
         }
 
 
+def _from_the_registry(source: str, folder: Path | None, exported_from: str | None) -> bool:
+    """Whether the weights served are a published version's: a reference or a version folder, a file inside one,
+    or an export made from a reference. A checkpoint also carries its run's reserved name and version, but may hold
+    other weights (last.ckpt is not the best epoch that was published): it is named by its path instead."""
+    path = Path(source).expanduser().resolve()
+    in_a_version = any((parent / "metadata.json").is_file() for parent in (path.parent, path.parent.parent))
+    return folder is not None or in_a_version or "@" in (exported_from or "")
+
+
 @dataclass
 class ModelSlot:
     """The version new requests get; a hot swap replaces it with one assignment."""
@@ -121,7 +130,8 @@ def load_served_model(
         keep=keep,
     )
     name, version = runtime.info.name, runtime.info.version
-    label = f"{name}@{version_dirname(int(version))}" if name and version is not None else source
+    published = name and version is not None and _from_the_registry(source, folder, runtime.info.source)
+    label = f"{name}@{version_dirname(int(version or 0))}" if published else source
     model = ServedModel(label, source, folder, runtime, choice, settings.top_k)
     model.warm_up(settings.max_batch_size)
     return model
