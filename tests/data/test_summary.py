@@ -129,3 +129,20 @@ def test_copies_of_train_images_in_val_are_warned_about_and_share_a_fold(
         splits, _ = prepare_splits(data_config(root, fold=fold, folds=3))
         train = {Path(p).read_bytes() for p, _ in splits.samples["train"]}
         assert not [p for p, _ in splits.samples["val"] if Path(p).read_bytes() in train], f"fold {fold} leaks"
+
+
+def test_group_by_says_where_groups_are_not_kept_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Without CV data.group_by was ignored in silence; with CV the flat test split still split patients.
+    root = make_imagefolder(tmp_path / "flat", layout="folder", per_class=8)
+    pattern = r"\d\d(\d)"
+    with caplog.at_level(logging.WARNING, logger="retrain"):
+        prepare_splits(data_config(root, group_by=pattern))
+    assert "groups images for k-fold CV only (experiment=cv)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retrain"):
+        prepare_splits(data_config(root, group_by=pattern, fold=0, folds=2))
+    assert "but the test split of" in caplog.text and "data.test_fraction=0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retrain"):
+        prepare_splits(data_config(root, group_by=pattern, fold=0, folds=2, test_fraction=0.0))
+    assert "group_by" not in caplog.text

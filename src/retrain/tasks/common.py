@@ -90,6 +90,8 @@ def prepare_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None)
             splits = splits.without({os.path.abspath(p) for p in bad})
     if report is not None:  # identical files in train/ and val/ share a fold, as in a flat folder (data/folds.py)
         splits.duplicates += [[str(splits.root / p.relative_to(report.root)) for p in i] for i in report.identical]
+    if data_cfg.get("group_by") and splits.layout == "folder" and not (recorded or {}).get("cv") and is_rank_zero():
+        _warn_where_groups_are_not_kept(data_cfg, splits)
     if (recorded or {}).get("cv"):  # a resumed fold run: the folds it was trained with (data/folds.py)
         splits = as_recorded(splits, recorded)
     elif data_cfg.get("fold") is not None:  # k-fold CV: this fold's part of the pool validates
@@ -97,6 +99,29 @@ def prepare_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None)
     if is_rank_zero():
         log_data_summary(splits, report)  # the weights line follows it: summary.log_weights_origin
     return splits, bad
+
+
+def _warn_where_groups_are_not_kept(data_cfg: DictConfig, splits: DataSplits) -> None:
+    """data.group_by keeps groups whole across k-fold folds only: a flat folder's val and test images are drawn one
+    by one, so a group (a patient) can have images on both sides and score as if unseen."""
+    if data_cfg.get("fold") is None:
+        log.warning(
+            "data.group_by=%r groups images for k-fold CV only (experiment=cv); this run draws its val and test "
+            "images from %s one by one, so a group can have images in train and in val or test, which then score "
+            "too high. Fix: put each group's images in one of DIR/train/<class>/, DIR/val/<class>/ and "
+            "DIR/test/<class>/, or run k-fold CV: python train.py -m experiment=cv data.group_by=...",
+            data_cfg.group_by,
+            splits.root,
+        )
+    elif splits.samples.get("test"):
+        log.warning(
+            "data.group_by=%r keeps groups whole across the folds, but the test split of %s is drawn one image at a "
+            "time: a group can have images in test and in the folds, so the refit's test score comes out too "
+            "high. Fix: put the test groups in DIR/test/<class>/ and the rest in DIR/train/<class>/, or "
+            "data.test_fraction=0.",
+            data_cfg.group_by,
+            splits.root,
+        )
 
 
 def _raise_for_structure(report: ValidationReport) -> None:
