@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torchvision
 
 from retrain.errors import ConfigError
-from retrain.model.pruning import make_permanent, prune_convolutions, prune_from_config, sparsity_by_stage
+from retrain.model.pruning import (
+    make_permanent,
+    prune_convolutions,
+    prune_from_config,
+    sparsity_by_stage,
+    warn_if_pruning_is_lost,
+)
 
 
 def _net() -> torchvision.models.ResNet:
@@ -70,3 +78,22 @@ def test_amount_zero_is_no_pruning_and_bad_settings_name_the_key() -> None:
         prune_from_config(net, 0.3, "l2")
     with pytest.raises(ConfigError, match=r"model\.prune\.amount=1\.5"):
         prune_from_config(net, 1.5, "l1_unstructured")
+
+
+def test_training_a_pruned_model_again_without_model_prune_says_the_zeros_will_fill_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prune, then experiment=qat from it (as the docs prescribed): sparsity went from 0.30 to 0.19, in silence.
+    parent = {"prune": {"method": "l1_unstructured", "amount": 0.3, "sparsity": {}}}
+    with caplog.at_level(logging.WARNING, logger="retrain"):
+        warn_if_pruning_is_lost(parent, "pruned@v001", qat=False)
+        warn_if_pruning_is_lost({"prune": None}, "plain@v001", qat=False)
+    assert "pruned@v001 was pruned (l1_unstructured, amount 0.3)" in caplog.text and "plain@v001" not in caplog.text
+    assert "Fix: model.prune.amount=0.3 model.prune.method=l1_unstructured" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retrain"):
+        warn_if_pruning_is_lost(parent, "pruned@v001", qat=True)
+    assert (
+        "the int8 model is not pruned" in caplog.text
+        and "export.py ckpt_path=pruned@v001 formats=[int8]" in caplog.text
+    )

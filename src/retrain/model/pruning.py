@@ -11,6 +11,8 @@ Decisions:
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,6 +21,8 @@ from torch.nn.utils import prune
 
 from retrain.errors import ConfigError
 from retrain.model.resnet import STAGES, stage_of
+
+log = logging.getLogger("retrain")
 
 METHODS = ("l1_unstructured", "ln_structured")
 
@@ -95,3 +99,27 @@ def prune_from_config(model: nn.Module, amount: float, method: str) -> dict[str,
     """Prune as `model.prune` asks, or return None when its amount is 0 (the default: no pruning)."""
     check_prune_config(amount, method)
     return prune_convolutions(model, amount, method) if amount > 0 else None
+
+
+def warn_if_pruning_is_lost(parent: Mapping[str, Any] | None, source: str, *, qat: bool) -> None:
+    """A pruned model trained again without `model.prune` trains its zeros back: say so, and how to keep them."""
+    record = (parent or {}).get("prune")
+    if not record:
+        return
+    pruned = f"{source} was pruned ({record.get('method')}, amount {record.get('amount')})"
+    if qat:
+        log.warning(
+            "%s, but QAT trains every weight, so the zeros fill in and the int8 model is not pruned. Fix: for an "
+            "int8 model that keeps them, quantize the pruned model after training (python export.py "
+            "ckpt_path=%s formats=[int8]).",
+            pruned,
+            source,
+        )
+    else:
+        log.warning(
+            "%s, but this run trains every weight, so the zeros fill in and the model it publishes is not pruned. "
+            "Fix: model.prune.amount=%s model.prune.method=%s prunes the same weights again and keeps them zero.",
+            pruned,
+            record.get("amount"),
+            record.get("method"),
+        )

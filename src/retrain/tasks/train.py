@@ -36,7 +36,7 @@ from retrain.inference.deploy_info import deploy_info
 from retrain.model.bn_adapt import adaptation_for, bn_stats_record
 from retrain.model.feature_cache import FeatureCache, feature_cache_for
 from retrain.model.module import ClassifierModule, best_epoch_row
-from retrain.model.pruning import make_permanent, prune_from_config
+from retrain.model.pruning import make_permanent, prune_from_config, warn_if_pruning_is_lost
 from retrain.model.resnet import build_resnet
 from retrain.model.surgery import apply_freeze, load_weights, parse_freeze
 from retrain.sweeps import keeps_for_sweep, publishes_itself
@@ -279,6 +279,8 @@ def _model_phase(
     apply_freeze(net, frozen, train_bn=cfg.model.train_bn)
     pruning = prune_from_config(net, cfg.model.prune.amount, cfg.model.prune.method)  # None: no pruning
     qat = cfg.get("qat")  # set by experiment=qat
+    if source is not None and pruning is None and is_rank_zero():
+        warn_if_pruning_is_lost(source.metadata, str(cfg.model.init_from), qat=qat is not None)
     if qat is not None:
         crop = data.datamodule.preprocessing.crop
         net = start_qat(net, cfg, frozen=frozen, image_size=crop, resuming=resumed is not None)
