@@ -91,6 +91,14 @@ def test_a_file_that_was_not_published_is_refused(tmp_path, small_state, publish
     assert "model.pth was added after publishing" in " ".join(verify_version(folder).problems)
 
 
+def test_a_versions_metadata_json_as_weights_points_to_its_folder(tmp_path, small_state, publish_version):
+    # It said "metadata.json is not one of the files published ... restore the version from a backup": an intact
+    # registry called damaged, for a file that is simply not weights.
+    folder = publish_version(small_state)
+    with pytest.raises(ArtifactError, match=r"is a JSON text file, not weights.*pass its folder or the reference"):
+        load_source(str(folder / "metadata.json"), model_dir=tmp_path)
+
+
 def test_a_version_from_before_hashes_loads_with_a_warning(tmp_path, small_state, publish_version, caplog):
     published = publish_version(small_state)
     old = tmp_path / "old" / "cats" / "v001"  # as an older retrain left it: no `files` in metadata.json

@@ -108,7 +108,7 @@ def _read_with_version_metadata(path: Path, allow_pickle: bool) -> Artifact:
     folder = path.parent
     identity = _identity(folder)
     sidecar = folder / METADATA_FILE
-    if identity is None or not sidecar.is_file():
+    if identity is None or not sidecar.is_file() or path.suffix == ".json":  # metadata.json: "pass its folder"
         return read_artifact(path, allow_pickle=allow_pickle)
     metadata = read_json(sidecar)
     found = sha256_file(path)
