@@ -205,3 +205,21 @@ def test_damaged_values_are_artifact_errors_not_tracebacks():
         ArtifactMetadata.from_dict({**written, "class_names": "cat,dog"})
     with pytest.raises(ArtifactError, match="damaged preprocessing metadata"):
         ArtifactMetadata.from_dict({**written, "preprocessing": {**written["preprocessing"], "crop": "big"}})
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"mean": [0.5]}, r"mean is \[0\.5\], not one number per RGB channel"),
+        ({"std": [0.25, 0.25]}, r"std is \[0\.25, 0\.25\], not one number per RGB channel"),
+        ({"std": [0.25, 0.0, 0.25]}, r"std is \[0\.25, 0\.0, 0\.25\]: dividing by a value <= 0"),
+        ({"crop": 0, "resize": 0}, r"crop is 0"),
+        ({"crop": -4}, r"crop is -4"),
+        ({"resize": 30}, r"resize is 30, smaller than crop 32"),
+    ],
+)
+def test_preprocessing_values_no_pipeline_can_use_are_refused_naming_the_file_and_field(change, said):
+    good = {"image_size": 32, "resize": 37, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    assert Preprocessing.from_dict(good).resize == 37
+    with pytest.raises(ArtifactError, match=rf"exports/model\.onnx has damaged preprocessing metadata \({said}"):
+        Preprocessing.from_dict({**good, **change}, source="exports/model.onnx")

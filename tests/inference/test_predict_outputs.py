@@ -88,3 +88,22 @@ def test_output_format_follows_the_suffix_unless_asked() -> None:
     assert output_format(Path("p.txt"), "json") == "json"
     with pytest.raises(ConfigError, match=r"predict\.format='xml'"):
         output_format(Path("p.csv"), "xml")
+
+
+def test_a_folder_link_loop_adds_no_rows_and_a_file_reached_twice_is_one_row(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    a = _image(photos / "a.jpg")
+    b = _image(photos / "sub" / "b.png")
+    c = _image(tmp_path / "outside" / "c.jpg")
+    (photos / "self").symlink_to(".")  # a loop: photos/self/self/... is photos again
+    (photos / "alias.jpg").symlink_to("a.jpg")  # the same file under a second name
+    (photos / "sub" / "ext").symlink_to(tmp_path / "outside")  # a linked folder outside the tree is followed
+    assert find_images(str(photos)) == [a, b, photos / "sub" / "ext" / c.name]
+
+
+def test_a_link_to_the_parent_folder_ends_and_reads_each_real_folder_once(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    a = _image(photos / "a.jpg")
+    c = _image(tmp_path / "outside" / "c.jpg")
+    (photos / "up").symlink_to("..")  # photos/up/photos/up/... would never end
+    assert find_images(str(photos)) == [a, photos / "up" / "outside" / c.name]

@@ -11,13 +11,13 @@ import torch
 import torchvision
 
 from retrain.artifacts.metadata import ArtifactMetadata
-from retrain.errors import ArtifactError
-from retrain.export.benchmark import Targets, assemble, table
+from retrain.errors import ArtifactError, ConfigError, DataError
+from retrain.export.benchmark import Targets, assemble, score, table
 from retrain.export.onnx import INPUT, OUTPUT, export_onnx
 from retrain.export.program import export_program
 from retrain.export.torchscript import export_torchscript
 from retrain.inference.deploy_info import deploy_info, from_props, to_props
-from retrain.inference.runtimes import FILE_NAMES, detect_kind, load_runtime
+from retrain.inference.runtimes import FILE_NAMES, detect_kind, eager_runtime, load_runtime
 from retrain.tasks.export import _formats, _out_dir, _verification_problem
 
 META = {
@@ -129,3 +129,51 @@ def test_missed_targets_are_reported_with_what_was_measured_and_a_failed_onnx_ch
     assert "3.00e-04" in _verification_problem(report, Targets())  # type: ignore[operator]
     rows["onnx"]["max_abs_logit_diff"] = 5e-5
     assert _verification_problem(assemble(rows, Targets()), Targets()) is None
+
+
+def _tiny(classes: int = 3) -> torch.nn.Module:
+    """A network that exports in a second: what these checks need is its number of outputs."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    return net.append(torch.nn.Linear(4, classes)).eval()
+
+
+@pytest.mark.parametrize("opset", [9, 99])
+def test_an_onnx_opset_torch_does_not_write_fails_naming_the_opset_written(opset: int, tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    with pytest.raises(
+        ConfigError,
+        match=rf"export\.onnx_opset={opset} was asked for, but .* wrote opset \d+.*Fix: export\.onnx_opset=\d+",
+    ):
+        export_onnx(_tiny(), torch.randn(2, 3, 8, 8), path, to_props(INFO), opset=opset)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("names", [["cat", "dog"], ["cat", "dog", "fox", "owl"]])
+def test_class_names_that_do_not_match_the_model_outputs_are_refused(names: list[str], tmp_path: Path) -> None:
+    props = {**to_props(INFO), "class_names": json.dumps(names)}
+    path = export_torchscript(_tiny(), torch.randn(2, 3, 8, 8), tmp_path / FILE_NAMES["torchscript"], props)
+    runtime = load_runtime(path)
+    with pytest.raises(ArtifactError, match=rf"torchscript\.pt gives logits of shape \(2, 3\).* list {len(names)} cl"):
+        runtime.predict(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("class_names", ["cat", "dog", "cat"], r"class_names names \['cat'\] more than once"),
+        ("class_names", [], r"class_names is \[\], expected a non-empty list"),
+        ("preprocessing", {**META["preprocessing"], "mean": [0.5]}, r"preprocessing metadata \(mean is \[0\.5\]"),
+        ("preprocessing", {**META["preprocessing"], "resize": 30}, r"preprocessing metadata \(resize is 30"),
+        ("preprocessing", {**META["preprocessing"], "crop": -1}, r"preprocessing metadata \(crop is -1"),
+    ],
+)
+def test_tampered_export_metadata_is_refused_naming_the_file_and_field(field, value, said, tmp_path: Path) -> None:
+    props = {**to_props(INFO), field: json.dumps(value)}
+    with pytest.raises(ArtifactError, match=rf"m\.onnx has damaged .*{said}"):
+        from_props(props, tmp_path / "m.onnx")
+
+
+def test_a_check_measured_on_no_validation_images_is_refused_not_met() -> None:
+    with pytest.raises(DataError, match=r"No validation images were scored.*Fix: check data\.root"):
+        score({"eager": eager_runtime(_tiny(), INFO)}, [])

@@ -68,6 +68,25 @@ def test_an_existing_folder_as_output_is_refused_before_predicting(
         predict(cfg)
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("predict.batch_size=0", r"predict\.batch_size=0; expected 1 or more images per batch\. Fix:"),
+        ("predict.num_workers=-1", r"predict\.num_workers=-1; expected 0 .* Fix:"),
+    ],
+)
+def test_loader_settings_torch_would_reject_are_refused_before_the_model_loads(
+    tmp_path: Path, model: Path, photos: Path, monkeypatch: pytest.MonkeyPatch, override: str, said: str
+) -> None:
+    def never(*args: Any, **kwargs: Any) -> Runtime:
+        raise AssertionError("the model was loaded: the setting was checked too late")
+
+    monkeypatch.setattr(predict_task, "load_predictor", never)
+    cfg = composed(tmp_path, f"ckpt_path={model}", f"input={photos}", override, config="predict")
+    with pytest.raises(ConfigError, match=said):
+        predict(cfg)
+
+
 def test_nan_scores_are_error_rows_and_the_run_fails(
     tmp_path: Path, model: Path, photos: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -65,8 +65,9 @@ class Preprocessing:
                 f"pipeline is unknown. {_FIX.format(source=source)}"
             )
         known, extra = _known_and_extra(cls, data)
+        problem: str | None
         try:
-            return cls(
+            pre = cls(
                 image_size=int(known.get("image_size", known["crop"])),
                 resize=int(known["resize"]),
                 crop=int(known["crop"]),
@@ -76,10 +77,29 @@ class Preprocessing:
                 extra=extra,
             )
         except (TypeError, ValueError) as e:
-            raise ArtifactError(
-                f"{source} has damaged preprocessing metadata ({e}). Expected whole numbers for image_size, "
-                f"resize and crop and three numbers each for mean and std. {_FIX.format(source=source)}"
-            ) from None
+            problem = str(e)
+        else:
+            problem = pre._problem()
+            if problem is None:
+                return pre
+        raise ArtifactError(
+            f"{source} has damaged preprocessing metadata ({problem}). Expected whole numbers for image_size, "
+            f"resize and crop, crop >= 1 and resize >= crop, and three numbers each for mean and std (std > 0). "
+            f"{_FIX.format(source=source)}"
+        )
+
+    def _problem(self) -> str | None:
+        """What makes these values unusable as an input pipeline, or None when they are usable."""
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != 3:
+                return f"{key} is {list(getattr(self, key))}, not one number per RGB channel"
+        if min(self.std) <= 0:
+            return f"std is {list(self.std)}: dividing by a value <= 0"
+        if self.crop < 1:
+            return f"crop is {self.crop}"
+        if self.resize < self.crop:
+            return f"resize is {self.resize}, smaller than crop {self.crop}: the crop would be padded with zeros"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object stored in every artifact."""

@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 
+from retrain.errors import DataError
 from retrain.inference.deploy_info import DeployInfo
 from retrain.inference.runtimes import Runtime, eager_runtime, load_runtime
 
 REFERENCE = "eager"
 REPORT_FILE = "export_report.json"
+INT8_ACCURACY_CHECK = "int8 val accuracy drop vs float (points)"
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,17 @@ def score(
             agree[name] += int((predicted == expected).sum())
             max_diff[name] = max(max_diff[name], float((logits - reference).abs().max()))
         total += len(labels)
+    if not total:
+        raise DataError(
+            "No validation images were scored, so no accuracy, agreement or logit difference was measured and no "
+            "target can be said to be met. Expected at least one image. Fix: check data.root's val split and "
+            "export.val_images (null: all of them)."
+        )
     return {
         name: {
             "val_images": total,
-            "val_acc": correct[name] / total if total else None,
-            "agreement": agree[name] / total if total else None,
+            "val_acc": correct[name] / total,
+            "agreement": agree[name] / total,
             "max_abs_logit_diff": max_diff[name],
         }
         for name in names
@@ -115,10 +123,8 @@ def assemble(rows: dict[str, dict[str, Any]], targets: Targets) -> dict[str, Any
         row["speedup_b32"] = row["throughput_b32"] / base["throughput_b32"]
     checks = []
     if "int8" in rows:
-        drop = (base["val_acc"] or 0.0) - (rows["int8"]["val_acc"] or 0.0)
-        checks.append(
-            _check("int8 val accuracy drop vs float (points)", drop * 100, targets.int8_max_acc_drop * 100, "<=")
-        )
+        drop = base["val_acc"] - rows["int8"]["val_acc"]
+        checks.append(_check(INT8_ACCURACY_CHECK, drop * 100, targets.int8_max_acc_drop * 100, "<="))
         checks.append(
             _check(
                 "int8 batch-32 throughput vs float eager (x)",
@@ -220,5 +226,5 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 100:.1f}%"
+def _pct(value: float) -> str:
+    return f"{value * 100:.1f}%"

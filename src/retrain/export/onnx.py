@@ -12,6 +12,7 @@ import onnx
 import torch
 from torch import nn
 
+from retrain.errors import ConfigError
 from retrain.export.program import batch_dim
 from retrain.utils.io import atomic_write
 
@@ -38,6 +39,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, props: dict
             verbose=False,
         )
         proto = onnx.load(raw)
+    written = {entry.domain: entry.version for entry in proto.opset_import}.get("")
+    if written != opset:
+        raise ConfigError(
+            f"export.onnx_opset={opset} was asked for, but torch.onnx {torch.__version__} wrote opset {written} "
+            f"(it converts only to the opsets it supports), so {path} was not written. Expected the file to have "
+            f"the opset asked for. Fix: export.onnx_opset={written}, which this torch version writes."
+        )
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()

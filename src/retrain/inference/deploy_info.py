@@ -80,12 +80,27 @@ def from_props(props: dict[str, str], path: Path) -> DeployInfo:
             "Fix: export it again from its checkpoint."
         ) from None
     return DeployInfo(
-        class_names=list(values["class_names"]),
+        class_names=_class_names(values["class_names"], path),
         preprocessing=Preprocessing.from_dict(values["preprocessing"], source=path),
         arch=values.get("arch"),
         name=values.get("name"),
         version=values.get("version"),
         source=values.get("source"),
+    )
+
+
+def _class_names(names: Any, path: Path) -> list[str]:
+    """The recorded class names, refused unless they are distinct strings: each labels one of the model's outputs."""
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        problem = f"is {names!r}, expected a non-empty list of names"
+    else:
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if not repeated:
+            return names
+        problem = f"names {repeated} more than once, so their outputs cannot be told apart"
+    raise ArtifactError(
+        f"{path} has damaged retrain metadata: its class_names {problem}. Expected one distinct name per output "
+        "of the model, as `python export.py` writes them. Fix: export it again from its checkpoint."
     )
 
 

@@ -21,12 +21,7 @@ def find_images(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = [
-            Path(folder, name)
-            for folder, dirs, names in os.walk(path, followlinks=True)
-            for name in names
-            if not name.startswith(".") and has_image_extension(name)
-        ]
+        found = _folder_images(path)
         if not found:
             raise DataError(
                 f"input={spec} is a folder with no images in it or below it. Expected image files ("
@@ -43,6 +38,28 @@ def find_images(spec: str) -> list[Path]:
         f"input={spec} does not exist. Expected an image file, a folder of images or a glob such as "
         "'photos/**/*.jpg'. Fix: correct the path."
     )
+
+
+def _folder_images(root: Path) -> list[Path]:
+    """Every image under `root`, following links to folders but reading each real folder and file once.
+
+    A link such as `self -> .` or `up -> ..` would otherwise repeat images or never end. Real folders are walked
+    before links beside them, and an image reached by two paths is listed once, under the first in sorted order.
+    """
+    seen: set[str] = set()
+    found: list[Path] = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort(key=lambda name: (os.path.islink(os.path.join(folder, name)), name))
+        found.extend(Path(folder, name) for name in names if not name.startswith(".") and has_image_extension(name))
+    unique: dict[str, Path] = {}
+    for image in sorted(found):
+        unique.setdefault(os.path.realpath(image), image)
+    return sorted(unique.values())
 
 
 class PredictImages(Dataset):

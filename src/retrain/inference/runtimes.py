@@ -91,7 +91,27 @@ def load_runtime(path: Path) -> Runtime:
             "`python export.py` with this torch version. Fix: export it again from its checkpoint."
         ) from None
     runtime.path = path
+    runtime.predict = _checked_classes(runtime.predict, runtime.info, path)
     return runtime
+
+
+def _checked_classes(
+    call: Callable[[torch.Tensor], torch.Tensor], info: DeployInfo, path: Path
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`call`, refusing logits whose count differs from the class names the file's metadata gives them."""
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        logits = call(images)
+        if logits.ndim != 2 or logits.shape[1] != len(info.class_names):
+            raise ArtifactError(
+                f"{path} gives logits of shape {tuple(logits.shape)} for {len(images)} images, but the "
+                f"class_names in its metadata list {len(info.class_names)} classes, so its labels cannot be "
+                f"trusted. Expected shape ({len(images)}, {len(info.class_names)}): one class name per output. "
+                "Fix: export it again from its checkpoint (python export.py ckpt_path=SOURCE)."
+            )
+        return logits
+
+    return predict
 
 
 def _load_onnx(path: Path) -> Runtime:

@@ -19,7 +19,7 @@ from retrain.data.datamodule import ImageListDataset, default_num_workers
 from retrain.data.splits import DataSplits, Sample
 from retrain.data.transforms import eval_transforms
 from retrain.errors import ArtifactError, ConfigError, DataError, RegistryError
-from retrain.export.benchmark import REPORT_FILE, Targets, build_report, table
+from retrain.export.benchmark import INT8_ACCURACY_CHECK, REPORT_FILE, Targets, build_report, table
 from retrain.export.program import export_program
 from retrain.export.quantize import quantize_ptq, save_int8
 from retrain.export.torchscript import export_torchscript
@@ -40,6 +40,7 @@ NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "int8": ("torchao",)}
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Write the requested formats, verify and time each through its own runtime, and write export_report.json."""
     formats = _formats(cfg.formats)
+    _check_counts(cfg.export)
     if cfg.export.bench.threads:
         torch.set_num_threads(int(cfg.export.bench.threads))
     source = str(cfg.ckpt_path)
@@ -79,6 +80,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     )
     report.update({"source": source, "out_dir": str(out_dir), "preprocessing_file": str(sidecar)})
     write_json(out_dir / REPORT_FILE, report)
+    _warn_int8_accuracy(report)
     problem = _verification_problem(report, targets)
     results = {"status": "failed" if problem else "ok", **report, "report_file": str(out_dir / REPORT_FILE)}
     write_json(output_dir() / "results.json", results)
@@ -103,6 +105,25 @@ def _formats(requested: Any) -> list[str]:
             "Fix: pip install -e '.[export]' (or leave those formats out)."
         )
     return list(dict.fromkeys(names))
+
+
+def _check_counts(settings: DictConfig) -> None:
+    """Refuse counts that would measure nothing, or fail later as a traceback from torch's DataLoader."""
+    counts = {  # key: (null allowed, what it counts, the fix)
+        "val_images": (
+            True,
+            "validation images that verify and score every format (a check measured on none proves nothing)",
+            "null (all of them) or 200",
+        ),
+        "calib_images": (True, "training images that calibrate int8", "256"),
+        "batch_size": (False, "images per batch", "32"),
+    }
+    for key, (nullable, what, fix) in counts.items():
+        value = settings[key]
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"export.{key}={value}; expected 1 or more {what}. Fix: export.{key}={fix}.")
 
 
 def _out_dir(cfg: DictConfig, source: str, model_dir: Path) -> Path:
@@ -140,6 +161,27 @@ def _loader(cfg: DictConfig, samples: list[Sample], pre: Preprocessing) -> DataL
 def _images(loader: DataLoader) -> Iterator[torch.Tensor]:
     for images, _ in loader:
         yield images
+
+
+def _warn_int8_accuracy(report: dict[str, Any]) -> None:
+    """Log a warning when the int8 file written loses more validation accuracy than its target allows."""
+    check = next((c for c in report["targets"] if c["name"] == INT8_ACCURACY_CHECK and not c["met"]), None)
+    if check is None:
+        return
+    eager, int8 = report["formats"]["eager"], report["formats"]["int8"]
+    log.warning(
+        "the int8 model lost %.1f points of validation accuracy (%.1f%% -> %.1f%% on %d images; target %s), and it "
+        "was written anyway: %s. Fix: calibrate on more training images (export.calib_images=256 or more), or "
+        "fine-tune it with quantization-aware training (python train.py experiment=qat model.init_from=%s "
+        "data.root=DIR).",
+        check["measured"],
+        eager["val_acc"] * 100,
+        int8["val_acc"] * 100,
+        int8["val_images"],
+        check["target"],
+        int8["file"],
+        report["source"],
+    )
 
 
 def _verification_problem(report: dict[str, Any], targets: Targets) -> str | None:

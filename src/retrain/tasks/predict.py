@@ -50,6 +50,20 @@ def _output_path(cfg: DictConfig) -> Path:
     return output
 
 
+def _check_loader_settings(settings: DictConfig) -> None:
+    """Refuse a batch size or worker count torch's DataLoader would reject with a traceback, before the model loads."""
+    batch, workers = settings.batch_size, settings.num_workers
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(
+            f"predict.batch_size={batch}; expected 1 or more images per batch. Fix: e.g. predict.batch_size=32."
+        )
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(
+            f"predict.num_workers={workers}; expected 0 (decode in the main process) or more loader processes, "
+            "or null (cores - 1). Fix: e.g. predict.num_workers=2 or predict.num_workers=null."
+        )
+
+
 def _scores(runtime: Runtime, images: torch.Tensor, tta: str) -> torch.Tensor:
     """Logits; with `tta`, the log of the views' averaged probabilities (top_k's softmax gives those back)."""
     if tta == "none":
@@ -62,6 +76,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     k = int(cfg.predict.top_k)
     if k < 1:
         raise ConfigError(f"predict.top_k={k}; expected 1 or more labels per image. Fix: e.g. predict.top_k=5.")
+    _check_loader_settings(cfg.predict)
     output = _output_path(cfg)
     fmt = output_format(output, cfg.predict.format)
     paths = find_images(str(cfg.input))
@@ -72,8 +87,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     dataset = PredictImages(paths, runtime.info.preprocessing, fast_decode=cfg.predict.fast_decode, tta=tta)
     workers = cfg.predict.num_workers
     # One core stays with the model; loader workers decode the images meanwhile.
-    workers = max(0, min(8, (os.cpu_count() or 1) - 1)) if workers is None else int(workers)
-    loader = DataLoader(dataset, batch_size=int(cfg.predict.batch_size), num_workers=workers)
+    workers = max(0, min(8, (os.cpu_count() or 1) - 1)) if workers is None else workers
+    loader = DataLoader(dataset, batch_size=cfg.predict.batch_size, num_workers=workers)
     show = bool(cfg.predict.progress) and len(loader) > 1
     rows: list[dict[str, Any]] = []
     batches = track(loader, description="predicting", console=Console(file=sys.stderr), disable=not show)
