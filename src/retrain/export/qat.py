@@ -42,7 +42,8 @@ def start_qat(
     if float(cfg.model.prune.amount) > 0:
         raise ConfigError(
             "experiment=qat together with model.prune.amount > 0 is not supported: the masks would be traced into "
-            "the quantized graph. Fix: prune in one run, then run experiment=qat with model.init_from=<that version>."
+            "the quantized graph, and QAT trains the pruned weights back. Fix: prune in one run, then quantize that "
+            "version with python export.py ckpt_path=<that version> formats=[int8], which keeps its zeros."
         )
     return prepare_qat(net, torch.randn(2, 3, image_size, image_size))
 
