@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,15 @@ def test_a_link_to_the_parent_folder_ends_and_reads_each_real_folder_once(tmp_pa
     c = _image(tmp_path / "outside" / "c.jpg")
     (photos / "up").symlink_to("..")  # photos/up/photos/up/... would never end
     assert find_images(str(photos)) == [a, photos / "up" / "outside" / c.name]
+
+
+def test_files_a_folder_walk_leaves_out_are_counted_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # .gif files in input=FOLDER were dropped with no count or notice.
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "b.gif").write_bytes(b"GIF89a")
+    (tmp_path / ".hidden.gif").write_bytes(b"GIF89a")
+    with caplog.at_level(logging.WARNING, logger="retrain"):
+        assert find_images(str(tmp_path)) == [tmp_path / "a.jpg"]
+    assert "1 files without an image extension left out (.gif 1)" in caplog.text

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -13,6 +15,8 @@ from retrain.artifacts.metadata import Preprocessing
 from retrain.data.images import check_image, has_image_extension, open_rgb
 from retrain.errors import DataError
 from retrain.inference.tta import tta_transform
+
+log = logging.getLogger("retrain")
 
 
 def find_images(spec: str) -> list[Path]:
@@ -48,6 +52,7 @@ def _folder_images(root: Path) -> list[Path]:
     """
     seen: set[str] = set()
     found: list[Path] = []
+    skipped: Counter[str] = Counter()
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
@@ -55,7 +60,19 @@ def _folder_images(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs.sort(key=lambda name: (os.path.islink(os.path.join(folder, name)), name))
-        found.extend(Path(folder, name) for name in names if not name.startswith(".") and has_image_extension(name))
+        visible = [Path(folder, name) for name in names if not name.startswith(".")]
+        found.extend(path for path in visible if has_image_extension(path.name))
+        skipped.update(path.suffix.lower() or path.name for path in visible if not has_image_extension(path.name))
+    if skipped:  # the folder walk takes image extensions only; say what it left, as training's scan does
+        kinds = ", ".join(f"{suffix} {n}" for suffix, n in skipped.most_common())
+        log.warning(
+            "input=%s: %d files without an image extension left out (%s). Fix: if they are images, convert them to "
+            "JPEG or PNG, or name them in a glob (input='%s/**/*'), which makes each an answer or an error row.",
+            root,
+            sum(skipped.values()),
+            kinds,
+            root,
+        )
     unique: dict[str, Path] = {}
     for image in sorted(found):
         unique.setdefault(os.path.realpath(image), image)
