@@ -13,7 +13,7 @@ from clitools import composed
 import retrain.tasks.export as export_task
 from retrain.errors import ConfigError
 from retrain.export.benchmark import Targets, assemble
-from retrain.tasks.export import _warn_int8_accuracy, export
+from retrain.tasks.export import _out_dir, _warn_int8_accuracy, export
 
 
 @pytest.mark.parametrize(
@@ -56,3 +56,18 @@ def test_an_int8_file_that_misses_its_accuracy_target_is_a_logged_warning(caplog
     rows["int8"]["val_acc"] = 0.895  # within the 1-point target: nothing to warn about
     _warn_int8_accuracy(assemble(rows, Targets()))
     assert not caplog.records
+
+
+def test_an_out_dir_given_for_a_registry_version_is_set_aside_with_a_warning(
+    tmp_path: Path, small_state: Any, publish_version: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `export.py ckpt_path=demo@v001 export.out_dir=dist` wrote into the version's exports/ and no dist/, in silence.
+    folder = publish_version(small_state)
+    cfg = composed(tmp_path, "ckpt_path=cats@v001", "export.out_dir=dist", config="export")
+    with caplog.at_level(logging.WARNING, logger="retrain"):
+        assert _out_dir(cfg, "cats@v001", tmp_path / "models", ["export.out_dir=dist"]) == folder / "exports"
+    assert "export.out_dir=dist is set aside: cats@v001 is a registry version" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retrain"):
+        _out_dir(cfg, "cats@v001", tmp_path / "models", [])
+    assert not caplog.text

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -50,7 +51,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     props = to_props(info)
     pre = meta.preprocessing
     splits = trained_splits(meta, cfg.data.root, source=source, **split_options(cfg.data))
-    out_dir = _out_dir(cfg, source, model_dir)
+    out_dir = _out_dir(cfg, source, model_dir, HydraConfig.get().overrides.task)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Batch 2: torch.export specializes sizes 0 and 1, which would fix the batch axis.
     example = torch.randn(2, 3, pre.crop, pre.crop, generator=torch.Generator().manual_seed(cfg.seed))
@@ -126,8 +127,9 @@ def _check_counts(settings: DictConfig) -> None:
             raise ConfigError(f"export.{key}={value}; expected 1 or more {what}. Fix: export.{key}={fix}.")
 
 
-def _out_dir(cfg: DictConfig, source: str, model_dir: Path) -> Path:
-    """The registry version's exports/ folder when SOURCE is a version, else export.out_dir."""
+def _out_dir(cfg: DictConfig, source: str, model_dir: Path, overrides: list[str]) -> Path:
+    """The registry version's exports/ folder when SOURCE is a version (an `export.out_dir` given on the command
+    line is then set aside with a warning: it used to be ignored in silence), else export.out_dir."""
     path = Path(source).expanduser()
     if path.is_file():
         path = path.parent
@@ -137,7 +139,17 @@ def _out_dir(cfg: DictConfig, source: str, model_dir: Path) -> Path:
         except RegistryError:  # not a registry reference (e.g. torchvision weights)
             return Path(str(cfg.export.out_dir)).expanduser().resolve()
     if registry.VERSION_DIR_RE.fullmatch(path.name) and (path / registry.METADATA_FILE).is_file():
-        return path.resolve() / "exports"
+        exports = path.resolve() / "exports"
+        if any(str(o).split("=", 1)[0].lstrip("+~") == "export.out_dir" for o in overrides):
+            log.warning(
+                "export.out_dir=%s is set aside: %s is a registry version, whose exports go to its own folder %s, "
+                "where serve.py and predict.py find them. Fix: to write them elsewhere, copy them from there, or "
+                "export a weights file from outside the registry.",
+                cfg.export.out_dir,
+                source,
+                exports,
+            )
+        return exports
     return Path(str(cfg.export.out_dir)).expanduser().resolve()
 
 
