@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from retrain.data.splits import discover
 from retrain.data.summary import summarize, weights_origin
 from retrain.data.validate import scan
+from retrain.errors import ConfigError
 from retrain.tasks.common import prepare_splits
 
 
@@ -146,3 +147,14 @@ def test_group_by_says_where_groups_are_not_kept_whole(tmp_path: Path, caplog: p
     with caplog.at_level(logging.WARNING, logger="retrain"):
         prepare_splits(data_config(root, group_by=pattern, fold=0, folds=2, test_fraction=0.0))
     assert "group_by" not in caplog.text
+
+
+def test_resuming_a_fold_run_with_another_fold_is_refused(tmp_path: Path) -> None:
+    # `data.fold=2 ckpt_path=last` on a fold-1 run went on training fold 1, and its results said fold 1.
+    root = make_imagefolder(tmp_path / "flat", layout="folder", per_class=8)
+    fold_run, _ = prepare_splits(data_config(root, fold=1, folds=3))
+    recorded = fold_run.summary()
+    assert prepare_splits(data_config(root, fold=1, folds=3), recorded)[0].cv["fold"] == 1
+    assert prepare_splits(data_config(root), recorded)[0].cv["fold"] == 1
+    with pytest.raises(ConfigError, match=r"data.fold=2, but the run being resumed trained fold 1 of 3.*Fix: data"):
+        prepare_splits(data_config(root, fold=2, folds=3), recorded)

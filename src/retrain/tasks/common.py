@@ -92,13 +92,25 @@ def prepare_splits(data_cfg: DictConfig, recorded: dict[str, Any] | None = None)
         splits.duplicates += [[str(splits.root / p.relative_to(report.root)) for p in i] for i in report.identical]
     if data_cfg.get("group_by") and splits.layout == "folder" and not (recorded or {}).get("cv") and is_rank_zero():
         _warn_where_groups_are_not_kept(data_cfg, splits)
-    if (recorded or {}).get("cv"):  # a resumed fold run: the folds it was trained with (data/folds.py)
+    if recorded and recorded.get("cv"):  # a resumed fold run: the folds it was trained with (data/folds.py)
+        _check_resumed_fold(data_cfg, recorded["cv"])
         splits = as_recorded(splits, recorded)
     elif data_cfg.get("fold") is not None:  # k-fold CV: this fold's part of the pool validates
         splits = fold_split(splits, data_cfg.fold, data_cfg.folds, data_cfg.split_seed, data_cfg.group_by)
     if is_rank_zero():
         log_data_summary(splits, report)  # the weights line follows it: summary.log_weights_origin
     return splits, bad
+
+
+def _check_resumed_fold(data_cfg: DictConfig, cv: dict[str, Any]) -> None:
+    """Refuse a `data.fold` other than the one the resumed run trained: it went on with the recorded fold, silently."""
+    asked = data_cfg.get("fold")
+    if asked is not None and str(asked) != str(cv.get("fold")):
+        raise ConfigError(
+            f"data.fold={asked}, but the run being resumed trained fold {cv.get('fold')} of {cv.get('folds')}, and "
+            f"a resumed run goes on with the fold it started. Fix: data.fold={cv.get('fold')} (or leave it out) to "
+            f"resume it, or train fold {asked} from the start, without ckpt_path."
+        )
 
 
 def _warn_where_groups_are_not_kept(data_cfg: DictConfig, splits: DataSplits) -> None:
