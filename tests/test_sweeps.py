@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,18 +95,31 @@ def test_summarize_cli_rebuilds_the_files_or_names_the_wrong_folder(
 def test_study_storage_is_new_in_the_sweep_dir_or_an_earlier_one_on_resume(tmp_path: Path) -> None:
     runs = tmp_path / "multiruns" / "resnet18"
     first, second, now = runs / "2026-01-01_10-00-00_1", runs / "2026-01-02_10-00-00_2", runs / "2026-01-03_1"
-    assert study_storage(False, str(first)) == f"sqlite:///{first}/optuna.db"
+    acc = ("val/acc", "max")
+    assert study_storage(False, str(first), *acc) == f"sqlite:///{first}/optuna.db"
     assert first.is_dir()  # SQLite would not create the folder itself
     with pytest.raises(ConfigError, match=r"hparams_search\.resume=true found no optuna\.db"):
-        study_storage(True, str(now))
+        study_storage(True, str(now), *acc)
     for sweep in (first, second):
         sweep.mkdir(exist_ok=True)
         (sweep / "optuna.db").touch()
-    assert study_storage(True, str(now)) == f"sqlite:///{second}/optuna.db"  # the newest earlier study
-    assert study_storage(str(first), str(now)) == f"sqlite:///{first}/optuna.db"
-    assert study_storage(str(first / "optuna.db"), str(now)) == f"sqlite:///{first}/optuna.db"
+    assert study_storage(True, str(now), *acc) == f"sqlite:///{second}/optuna.db"  # the newest earlier study
+    assert study_storage(str(first), str(now), *acc) == f"sqlite:///{first}/optuna.db"
+    assert study_storage(str(first / "optuna.db"), str(now), *acc) == f"sqlite:///{first}/optuna.db"
     with pytest.raises(ConfigError, match="does not exist"):
-        study_storage(str(tmp_path / "nowhere"), str(now))
+        study_storage(str(tmp_path / "nowhere"), str(now), *acc)
+
+
+def test_resuming_a_study_with_another_monitor_is_refused(tmp_path: Path) -> None:
+    first, now = tmp_path / "resnet18" / "2026-01-01_1", tmp_path / "resnet18" / "2026-01-02_1"
+    study_storage(False, str(first), "val/loss", "min")  # a new study records what it optimizes
+    (first / "optuna.db").touch()
+    assert study_storage(True, str(now), "val/loss", "min") == f"sqlite:///{first}/optuna.db"
+    for monitor, mode in (("val/acc", "max"), ("val/bal_acc", "min")):  # another direction; the same direction
+        with pytest.raises(ConfigError, match="optimizes monitor=val/loss") as refused:
+            study_storage(True, str(now), monitor, mode)
+        assert f"this search has monitor={monitor} (monitor_mode={mode})" in str(refused.value)
+        assert "Fix: resume with monitor=val/loss monitor_mode=min" in str(refused.value)
 
 
 def job_end_config(sweep: Path, *, fail_fast: bool, sweeper: str) -> DictConfig:
@@ -205,7 +219,7 @@ def test_resuming_a_study_that_does_not_exist_is_one_paragraph_before_the_sweep(
 ) -> None:
     register_resolvers()
     sweep = tmp_path / "multiruns" / "resnet18" / "2026-01-01_1"
-    config = OmegaConf.create({"hydra": {"sweeper": {"storage": f"${{study_storage:true,{sweep}}}"}}})
+    config = OmegaConf.create({"hydra": {"sweeper": {"storage": f"${{study_storage:true,{sweep},val/acc,max}}"}}})
     with pytest.raises(SystemExit, match="1"):
         SweepSummary().on_multirun_start(config)
     error = capsys.readouterr().err
@@ -230,6 +244,83 @@ def test_a_sweep_publishes_only_its_best_job_at_its_end(tmp_path: Path) -> None:
     assert torch.equal(load_source("cats@latest", model_dir=models).state_dict["weight"], weights[1])
     assert json.loads((tmp_path / "1" / "results.json").read_text())["registry"]["version"] == 1
     assert not any(has_kept(tmp_path / str(num)) for num in range(3))  # the losers' kept models are dropped
+
+
+def test_a_maximized_loss_stops_the_sweep_before_any_job(capsys: pytest.CaptureFixture[str]) -> None:
+    config = OmegaConf.create(
+        {"monitor": "val/loss", "monitor_mode": "max", "sweep": {"publish": "best"}, "hydra": {"sweeper": {}}}
+    )
+    with pytest.raises(SystemExit, match="1"):
+        SweepSummary().on_multirun_start(config)
+    error = capsys.readouterr().err
+    assert "monitor=val/loss with monitor_mode=max: a loss is better when lower" in error
+    assert "Fix: monitor_mode=min." in error
+
+
+def test_a_search_of_no_trial_stops_before_optuna(capsys: pytest.CaptureFixture[str]) -> None:
+    config = OmegaConf.create({"hydra": {"sweeper": {"_target_": OPTUNA, "n_trials": 0}}})
+    with pytest.raises(SystemExit, match="1"):
+        SweepSummary().on_multirun_start(config)
+    assert "hparams_search.n_trials=0 runs no trial" in capsys.readouterr().err
+
+
+def test_a_sweep_in_which_every_job_failed_exits_1_with_the_first_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for num in range(2):
+        job = make_job(tmp_path, num, [f"model.lr=0.{num + 1}"], {"status": "failed", "error": "DataError: no root"})
+        (job / "train.log").touch()
+    with pytest.raises(SystemExit, match="1"):
+        SweepSummary().on_multirun_end(job_end_config(tmp_path, fail_fast=False, sweeper=BASIC))
+    error = capsys.readouterr().err
+    assert "no job of the sweep succeeded (2 jobs" in error
+    assert f"job 0: DataError: no root (its log: {tmp_path / '0' / 'train.log'}" in error
+
+
+def test_an_optuna_search_whose_every_trial_failed_exits_1_after_its_last_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = job_end_config(tmp_path, fail_fast=False, sweeper=OPTUNA)
+    config.hydra.sweeper.n_trials = 2
+    failed = JobReturn(status=JobStatus.COMPLETED, _return_value=None)  # run_task's failed trial
+    make_job(tmp_path, 0, ["model.lr=0.1"], {"status": "failed", "error": "DataError: no root"})
+    SweepSummary().on_job_end(config, failed)  # one trial to go
+    make_job(tmp_path, 1, ["model.lr=0.2"], {"status": "failed", "error": "DataError: no root"})
+    with pytest.raises(SystemExit, match="1"):  # before Optuna asks for a best trial that does not exist
+        SweepSummary().on_job_end(config, failed)
+    assert "no job of the sweep succeeded (2 jobs" in capsys.readouterr().err
+
+
+def test_a_resumed_search_does_not_publish_a_job_worse_than_the_studys_best(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with warnings.catch_warnings():  # optuna 2.10 warns about SQLAlchemy 2.0, which the `sweep` extra rules out
+        warnings.simplefilter("ignore")
+        import optuna
+    runs, models = tmp_path / "multiruns" / "cats", tmp_path / "models"
+    earlier, sweep = runs / "2026-01-01_1", runs / "2026-01-02_1"
+    storage = f"sqlite:///{earlier / 'optuna.db'}"
+    earlier.mkdir(parents=True)
+    study = optuna.create_study(study_name="cats", storage=storage, direction="maximize")
+    for value in (0.9, 0.5):  # the earlier sweep's trial (published as cats@v001), then this sweep's
+        study.tell(study.ask(), value)
+    registry = {"name": "cats", "version": 1, "path": str(models / "cats" / "v001")}
+    make_job(earlier, 0, ["model.lr=0.1"], {**ok(0.9), "registry": registry})
+    meta = {"name": "cats", "version": 0, "class_names": ["cat", "dog"], "metrics": {}}
+    job = make_job(sweep, 0, ["model.lr=0.01"], {**ok(0.5), "test": {}})
+    keep_for_sweep(job, torch.nn.Linear(3, 2), meta, None, {**ok(0.5), "test": {}}, model_dir=models, name="cats")
+    config = OmegaConf.merge(
+        job_end_config(sweep, fail_fast=False, sweeper=OPTUNA),
+        {
+            "sweep": {"publish": "best"},
+            "hparams_search": {"resume": True},
+            "hydra": {"sweeper": {"study_name": "cats", "storage": storage}},
+        },
+    )
+    SweepSummary().on_multirun_end(config)
+    assert not (models / "cats").exists() and not has_kept(job)
+    assert "worse than the study's best trial (val/acc=0.9000" in caplog.text
+    assert f"The study's best is cats@v001 ({registry['path']})" in caplog.text
 
 
 def test_an_unknown_sweep_publish_mode_stops_the_sweep_before_any_job(capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from retrain.errors import ArtifactError
+from retrain.errors import ArtifactError, ConfigError
 from retrain.utils.io import read_json, write_text
 
 if TYPE_CHECKING:  # torch and Lightning: imported where a fold's predictions are made, not by every sweep
@@ -92,7 +92,8 @@ def oof_csv(predictions: Predictions, class_names: list[str], fold: int) -> str:
 
 
 def refit_record(sweep_dir: Path) -> dict[str, Any]:
-    """What a refit's metadata carries (`cv`): the CV sweep, its monitor's mean and std, and the fold runs."""
+    """What a refit's metadata carries (`cv`): the CV sweep, how many folds finished, its monitor's mean and std, and
+    the fold runs."""
     path = Path(sweep_dir) / SUMMARY_JSON
     if not path.is_file():
         raise ArtifactError(
@@ -100,10 +101,53 @@ def refit_record(sweep_dir: Path) -> dict[str, Any]:
             "`python train.py -m experiment=cv` sweep. Fix: point cv.refit_from at that sweep folder."
         )
     summary = read_json(path)
-    return {key: summary[key] for key in ("sweep_dir", "folds", "monitor", "mean", "std", "refit_epochs", "fold_runs")}
+    keys = ("sweep_dir", "folds", "finished", "monitor", "mean", "std", "refit_epochs", "fold_runs")
+    return {key: summary[key] for key in keys}
+
+
+# --- when the sweep starts ----------------------------------------------------------------------------------------
+
+ONE_CV_PER_SETTING = (
+    "Fix: run one CV per setting (python train.py experiment=cv data.root=DIR model.lr=0.01, then model.lr=0.001), "
+    "or search with hparams_search=optuna over one fixed fold (python train.py hparams_search=optuna data.root=DIR "
+    "data.fold=0, without experiment=cv)."
+)
+
+
+def check_fold_sweep(config: DictConfig) -> None:
+    """A CV sweeps data.fold alone, each fold once: jobs of other settings would be averaged into one CV."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = str(config.hydra.sweeper.get("_target_", ""))
+    if not sweeper.endswith(".BasicSweeper"):
+        raise ConfigError(
+            f"experiment=cv with the sweeper {sweeper} (hparams_search=optuna?): it would sample data.fold as one "
+            "more hyperparameter, so the CV would average folds trained with different settings, and its best "
+            f"trial would be one fold. Expected experiment=cv alone, which sweeps data.fold. {ONE_CV_PER_SETTING}"
+        )
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
+    swept = [str(o.input_line) for o in parsed if o.is_sweep_override() and o.get_key_element() != "data.fold"]
+    swept += [f"hydra.sweeper.params.{key}" for key in config.hydra.sweeper.get("params") or {} if key != "data.fold"]
+    if swept:
+        raise ConfigError(
+            f"experiment=cv also sweeps {', '.join(swept)}: the CV summary, its out-of-fold predictions and the "
+            "refit would mix the folds of every setting into one CV. Expected data.fold to be the only swept key. "
+            + ONE_CV_PER_SETTING
+        )
 
 
 # --- when the sweep ends ------------------------------------------------------------------------------------------
+
+
+def _fold_of(job_dir: Path, cv: dict[str, Any]) -> Any:
+    """The fold a job was asked for (its data.fold override), so a job that failed early is labelled too."""
+    from retrain.sweeps import read_job
+
+    for override in read_job(job_dir).overrides:
+        key, _, value = override.partition("=")
+        if key == "data.fold":
+            return int(value) if value.lstrip("-").isdigit() else value
+    return cv.get("fold", int(job_dir.name))
 
 
 def read_folds(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -117,22 +161,56 @@ def read_folds(sweep_dir: Path) -> list[dict[str, Any]]:
         value = results.get("monitor_value")
         rows.append(
             {
-                "fold": cv.get("fold", int(job_dir.name)),
+                "fold": _fold_of(job_dir, cv),
                 "status": results.get("status", "missing"),
                 "monitor": results.get("monitor"),
                 "value": None if value is None else float(value),
                 "best_epoch": results.get("best_epoch"),
                 "run_dir": str(job_dir),
                 "oof": cv.get("oof_predictions"),
+                "error": results.get("error"),
             }
         )
     return rows
 
 
+def check_one_job_per_fold(rows: list[dict[str, Any]]) -> None:
+    """Each fold once: two jobs of one fold (another setting, or a fold listed twice) are not one CV."""
+    jobs: dict[Any, list[str]] = {}
+    for row in rows:
+        jobs.setdefault(row["fold"], []).append(Path(row["run_dir"]).name)
+    repeated = {fold: names for fold, names in jobs.items() if len(names) > 1}
+    if repeated:
+        listed = "; ".join(f"fold {fold} in jobs {', '.join(names)}" for fold, names in repeated.items())
+        raise ConfigError(
+            f"{Path(rows[0]['run_dir']).parent} ran a fold more than once ({listed}), so it is not one CV: its "
+            "mean, out-of-fold predictions and refit would mix the jobs. Expected each fold once. " + ONE_CV_PER_SETTING
+        )
+
+
+def _finished(row: dict[str, Any]) -> bool:
+    return row["status"] == "ok" and row["value"] is not None and math.isfinite(row["value"])
+
+
+def unfinished_folds(rows: list[dict[str, Any]], folds: int, log_name: str) -> list[str]:
+    """What keeps the CV from being complete: each failed fold with its log and error, and folds that never ran."""
+    problems = [
+        f"fold {row['fold']} {row['status']} (log: {Path(row['run_dir']) / log_name}): "
+        + (row["error"] or "no value").rstrip(".")
+        for row in rows
+        if not _finished(row)
+    ]
+    ran = {row["fold"] for row in rows}
+    missing = [str(fold) for fold in range(folds) if fold not in ran]
+    if missing:
+        problems.append(f"{'folds' if len(missing) > 1 else 'fold'} {', '.join(missing)} did not run")
+    return problems
+
+
 def summarize(sweep_dir: Path, rows: list[dict[str, Any]], folds: int) -> dict[str, Any]:
     """Mean and sample standard deviation of the monitored value over the folds that finished, and the refit's
     epoch count: the folds' mean number of epochs up to and including their best one."""
-    ok = [row for row in rows if row["status"] == "ok" and row["value"] is not None and math.isfinite(row["value"])]
+    ok = [row for row in rows if _finished(row)]
     values = [row["value"] for row in ok]
     epochs = [row["best_epoch"] + 1 for row in ok if row["best_epoch"] is not None]
     return {
@@ -267,7 +345,7 @@ def refit_command(config: DictConfig, sweep_dir: Path, epochs: int, has_test: bo
         o for o in config.hydra.overrides.task if not o.startswith(("data.fold=", "cv.refit", "trainer.max_epochs="))
     ]
     callbacks = config.get("callbacks") or {}
-    extra = ["data.fold=refit", f"trainer.max_epochs={epochs}", f"cv.refit_from={sweep_dir}"]
+    extra = ["data.fold=refit", f"trainer.max_epochs={epochs}", f"cv.refit_from={sweep_dir}", "hydra.mode=RUN"]
     if "checkpoint" in callbacks:
         extra += ["callbacks.checkpoint.monitor=null", "callbacks.checkpoint.save_top_k=1"]
     if "report" in callbacks:
@@ -294,6 +372,14 @@ class CVSummary(Callback):
     then rewrites so that it links cv_summary.md.
     """
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuse, before any fold trains, a sweep that would mix other settings into the CV."""
+        try:
+            check_fold_sweep(config)
+        except ConfigError as error:
+            print(f"\nerror: {error}", file=sys.stderr)
+            sys.exit(1)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Summarize the folds, merge their predictions, report on them, and refit when asked."""
         from retrain import sweeps
@@ -302,6 +388,11 @@ class CVSummary(Callback):
         if not sweep_dir.is_dir() or not sweeps.job_dirs(sweep_dir):
             return
         rows = read_folds(sweep_dir)
+        try:
+            check_one_job_per_fold(rows)
+        except ConfigError as error:
+            print(f"\nerror: {error}", file=sys.stderr)
+            sys.exit(1)
         summary = summarize(sweep_dir, rows, int(config.data.folds))
         oof_path = merge_oof(sweep_dir, rows)
         if oof_path is not None:
@@ -316,8 +407,15 @@ class CVSummary(Callback):
         )
         if not config.cv.refit:
             return
-        if summary["refit_epochs"] is None:
-            print("\nerror: cv.refit=true, but no fold finished, so there is nothing to refit from.", file=sys.stderr)
+        problems = unfinished_folds(rows, int(config.data.folds), f"{config.task_name}.log")
+        if problems or summary["refit_epochs"] is None:
+            print(
+                f"\nerror: cv.refit=true, but {summary['finished']} of {summary['folds']} folds finished, so the "
+                "refit was not trained: its epoch count and the CV mean in its metadata would come from part of the "
+                f"pool's folds. {'; '.join(problems)}. Fix: correct what stopped those folds and run the CV again; "
+                f"to refit anyway, run the command in {md_path}.",
+                file=sys.stderr,
+            )
             sys.exit(1)
         log.info("cv.refit=true: training on the whole pool for %d epochs", summary["refit_epochs"])
         done = subprocess.run(command, check=False)

@@ -192,10 +192,15 @@ class SweepSummary(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Check the sweeper's settings and `sweep.publish` first: a mistake is one paragraph, before any job."""
+        """Check the monitor, the sweeper's settings and `sweep.publish` first: a mistake is one paragraph, before
+        any job."""
+        from retrain.tasks.guards import check_monitor_modes  # Lightning: only once a sweep starts
+
         try:
+            check_monitor_modes(config)
             OmegaConf.to_container(config.hydra.sweeper, resolve=True)
             publish_mode(config)
+            _check_trial_count(config)
         except (InterpolationResolutionError, ConfigError) as error:
             mistake = _retrain_error_behind(error)  # what our resolver (study_storage) raised
             if mistake is None:
@@ -207,7 +212,11 @@ class SweepSummary(Callback):
         """Rewrite the summary after each job, so a long or stopped sweep still has one."""
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        _, md_path = write_summary(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        _, md_path = write_summary(sweep_dir)
+        if not _basic_sweeper(config) and _search_failed(config, sweep_dir):
+            # Optuna's sweeper would end in its own traceback (no best trial) after the last trial.
+            _exit_no_job_succeeded(sweep_dir, md_path)
         fail_fast = OmegaConf.select(config, "sweep.fail_fast", default=False)
         if job_return.status == JobStatus.FAILED and fail_fast and _basic_sweeper(config):
             # The basic sweeper runs the rest of its batch (every job, by default) before it looks at failures.
@@ -232,8 +241,12 @@ class SweepSummary(Callback):
         failed = sum(job.status != "ok" for job in jobs)
         best_text = f"best job {best.num}: {best.monitor}={best.value:.4f}" if best else "no job succeeded"
         log.info("sweep summary: %s (%d jobs, %d failed; %s)", md_path, len(jobs), failed, best_text)
+        if best is None:
+            _exit_no_job_succeeded(sweep_dir, md_path)
         if publish_mode(config) != "best":
             return
+        if _worse_than_study(config, best):
+            best = None  # a resumed search's earlier, better trial stays `latest`: drop this sweep's kept models
         try:
             published = publish_best(jobs, best)
         except RetrainError as error:  # a full disk, a `latest` that is a real folder...
@@ -259,6 +272,84 @@ def publish_best(jobs: list[Job], best: Job | None) -> dict[str, Any] | None:
         if job is not best:
             publish.drop_kept(job.run_dir)
     return published
+
+
+def _check_trial_count(config: DictConfig) -> None:
+    """An Optuna search of no trial would end in Optuna's own traceback (no best trial): refuse it first."""
+    trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
+    if trials is not None and int(trials) < 1:
+        raise ConfigError(
+            f"hparams_search.n_trials={trials} runs no trial, so the search has nothing to choose from. Expected "
+            "1 or more. Fix: hparams_search.n_trials=20."
+        )
+
+
+def _search_failed(config: DictConfig, sweep_dir: Path) -> bool:
+    """Whether every trial of this search ended, none succeeded, and the study has no earlier completed trial
+    either: Optuna's sweeper would then end in its own traceback (no best trial) instead of saying why."""
+    jobs = [read_job(d) for d in job_dirs(sweep_dir)]
+    ended = [job for job in jobs if job.status != "missing"]
+    trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
+    if trials is None or len(ended) < int(trials) or best_job(jobs) is not None:
+        return False
+    if not OmegaConf.select(config, "hparams_search.resume", default=False):
+        return True
+    return _study_best(config) is None
+
+
+def _study_best(config: DictConfig) -> float | None:
+    """The best value of the Optuna study this search adds to (None before its first completed trial)."""
+    import optuna  # the `sweep` extra: only an Optuna search gets here
+
+    study = optuna.load_study(study_name=str(config.hydra.sweeper.study_name), storage=config.hydra.sweeper.storage)
+    try:
+        return float(study.best_value)
+    except ValueError:  # optuna's "Record does not exist": no completed trial
+        return None
+
+
+def _exit_no_job_succeeded(sweep_dir: Path, md_path: Path) -> None:
+    """A sweep that trained nothing must not exit 0 like one that did: exit 1 with the first job's error and log."""
+    jobs = [read_job(d) for d in job_dirs(sweep_dir)]
+    first = ([job for job in jobs if job.status != "missing"] or jobs)[0]
+    log_file = next(iter(sorted(first.run_dir.glob("*.log"))), first.run_dir)
+    print(
+        f"\nerror: no job of the sweep succeeded ({len(jobs)} jobs, summary: {md_path}). The first error, job "
+        f"{first.num}: {first.error or f'no finite {first.monitor} value'} (its log: {log_file}; the other jobs' "
+        f"logs are in their folders under {sweep_dir}). Fix: correct what that error says, then run the sweep again.",
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
+
+def _worse_than_study(config: DictConfig, best: Job | None) -> bool:
+    """Whether a resumed Optuna search's best job is worse than its study's best, an earlier sweep's trial."""
+    if best is None or best.value is None or not OmegaConf.select(config, "hparams_search.resume", default=False):
+        return False
+    study_best = _study_best(config)
+    if study_best is None:
+        return False
+    better = study_best > best.value if best.mode != "min" else study_best < best.value
+    if better:
+        log.warning(
+            "sweep.publish=best: this search's best job %d (%s=%.4f) is worse than the study's best trial "
+            "(%s=%.4f, from an earlier sweep of this study), so nothing was published and `latest` stays as it "
+            "was. The study's best is %s.",
+            best.num, best.monitor, best.value, best.monitor, study_best, _holder(config, study_best),
+        )  # fmt: skip
+    return better
+
+
+def _holder(config: DictConfig, value: float) -> str:
+    """The registry version that the earlier sweeps of the study published for the job with this value."""
+    study_sweeps = Path(str(config.hydra.sweeper.storage).removeprefix("sqlite:///")).parent.parent
+    roots = dict.fromkeys([study_sweeps, Path(config.hydra.sweep.dir).parent])  # resume=PATH: another name's folder
+    for results_file in sorted(f for root in roots for f in root.glob("*/*/results.json")):
+        results = json.loads(results_file.read_text())
+        registry, job_value = results.get("registry") or {}, results.get("monitor_value")
+        if registry and job_value is not None and math.isclose(float(job_value), value, rel_tol=1e-9):
+            return f"{registry.get('name')}@v{int(registry['version']):03d} ({registry.get('path')})"
+    return f"not among the published jobs under {', '.join(str(root) for root in roots)}"
 
 
 def _is_cv(sweep_dir: Path) -> bool:

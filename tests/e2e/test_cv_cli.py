@@ -1,4 +1,4 @@
-"""k-fold cross-validation as a user runs it: `python train.py -m experiment=cv ... cv.refit=true`.
+"""k-fold cross-validation as a user runs it: `python train.py experiment=cv ... cv.refit=true` (-m optional).
 
 One sweep of 2 folds and the refit, grouped by file number and marked not mirrorable, each job in 2 DDP
 processes: the sweep folder holds cv_summary.*, oof_predictions.csv (every train-pool image once, predicted by the
@@ -29,9 +29,10 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def test_cv_sweep_summarizes_predicts_every_pool_image_once_and_publishes_the_refit(
     tmp_path: Path, imagefolder: Path
 ) -> None:
-    # Each fold, and the refit, trains in 2 DDP processes: a user's trainer.devices=N.
+    # Each fold, and the refit, trains in 2 DDP processes: a user's trainer.devices=N. No -m: experiment=cv is a
+    # sweep by itself (a single run used to train fold 0 alone and publish it).
     result = run_cli(
-        "train.py", "-m", "experiment=cv", f"data.root={imagefolder}", "data.folds=2", "cv.refit=true",
+        "train.py", "experiment=cv", f"data.root={imagefolder}", "data.folds=2", "cv.refit=true",
         f"data.group_by='{GROUP_BY}'", "data.hflip=false", *FAST, "trainer.max_epochs=1",
         "trainer.limit_train_batches=2", "trainer=ddp_cpu", "trainer.devices=2", cwd=tmp_path, timeout=900,
     )  # fmt: skip

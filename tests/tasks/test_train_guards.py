@@ -51,6 +51,14 @@ def nothing_reserved_or_published(tmp_path: Path) -> bool:
         ("monitor=val/accc", r"monitor=val/accc is never logged.*Expected one of \['train/loss'"),
         ("monitor=val/acc_top5", r"top-5 accuracy is logged only with 5 or more classes.*has 3 \(cat, dog, fox\)"),
         ("callbacks.checkpoint.monitor=val/accc", r"callbacks.checkpoint.monitor=val/accc is never logged"),
+        (
+            "monitor=val/loss",
+            r"monitor=val/loss with monitor_mode=max: a loss is better when lower.*Fix: monitor_mode=min",
+        ),
+        (
+            "callbacks.checkpoint.monitor=train/loss",
+            r"checkpoint.monitor=train/loss with callbacks.checkpoint.mode=max",
+        ),
     ],
 )
 def test_settings_that_cannot_train_stop_before_a_version_is_reserved(

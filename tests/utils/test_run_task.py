@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from clitools import composed
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from retrain.callbacks.preemption import PREEMPTED_EXIT_CODE
 from retrain.errors import DataError
-from retrain.utils.hydra import run_task
+from retrain.utils.hydra import run_task, sweep_job
 
 
 def evaluate_until_sigterm(cfg: DictConfig) -> dict[str, Any]:
@@ -47,3 +49,9 @@ def test_ctrl_c_in_any_task_exits_130_with_one_line(tmp_path: Path, caplog: pyte
         run_task(press_ctrl_c, composed(tmp_path))
     assert stopped.value.code == 130
     assert "Stopped on Ctrl-C before press_ctrl_c finished" in caplog.text
+
+
+def test_the_ddp_ranks_of_a_sweep_job_run_that_job_not_the_sweep_again(tmp_path: Path) -> None:
+    composed(tmp_path, "experiment=cv")  # a config that is a sweep by itself (hydra.mode: MULTIRUN)
+    with sweep_job():  # what Lightning re-runs for the other ranks, before it appends hydra.run.dir
+        assert sys.argv[1:] == [*HydraConfig.get().overrides.task, "hydra.mode=RUN"]

@@ -40,6 +40,7 @@ def check_batch_sizes(data_cfg: DictConfig) -> None:
 def check_settings(cfg: DictConfig) -> None:
     """Refuse settings with which a run cannot train at all, before anything is read or reserved."""
     check_batch_sizes(cfg.data)
+    check_monitor_modes(cfg)
     for key, fix in (("max_epochs", "trainer.max_epochs=10"), ("max_steps", "trainer.max_steps=-1 (no limit)")):
         value = cfg.trainer.get(key)
         if value is not None and int(value) == 0:
@@ -58,6 +59,21 @@ def _monitored(cfg: DictConfig) -> dict[str, str]:
         if value is not None and str(value) not in found:
             found[str(value)] = f"callbacks.{name}.monitor"
     return found
+
+
+def check_monitor_modes(cfg: DictConfig) -> None:
+    """A loss is better when lower: maximizing one would keep the worst epoch, and rank sweeps and Optuna backwards."""
+    pairs = [("monitor", str(cfg.get("monitor")), "monitor_mode", str(cfg.get("monitor_mode")))]
+    for name, conf in (cfg.get("callbacks") or {}).items():
+        if conf is not None and hasattr(conf, "get") and conf.get("monitor") is not None and conf.get("mode"):
+            pairs.append((f"callbacks.{name}.monitor", str(conf.monitor), f"callbacks.{name}.mode", str(conf.mode)))
+    for option, metric, mode_option, mode in pairs:
+        if metric.endswith("loss") and mode == "max":
+            raise ConfigError(
+                f"{option}={metric} with {mode_option}=max: a loss is better when lower, so checkpointing, early "
+                "stopping, the sweep summary and Optuna would keep the epoch and the job with the highest loss. "
+                f"Expected {mode_option}=min for a loss. Fix: {mode_option}=min."
+            )
 
 
 def check_monitors(cfg: DictConfig, class_names: list[str]) -> None:

@@ -26,11 +26,12 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from retrain.errors import ConfigError, RetrainError
 from retrain.utils.cli import check_types, with_config_hints
 from retrain.utils.fast_exit import exit_without_teardown
-from retrain.utils.io import write_json
+from retrain.utils.io import read_json, write_json
 from retrain.utils.schemas import register_schemas
 
 log = logging.getLogger("retrain")
 STUDY_FILE = "optuna.db"
+STUDY_MONITOR_FILE = "optuna_monitor.json"  # beside optuna.db: the monitor and monitor_mode of its values
 
 
 def _run_id() -> str:
@@ -47,15 +48,17 @@ def cpu_precision() -> str:
     return "bf16-mixed" if native else "32-true"
 
 
-def study_storage(resume: Any, sweep_dir: str) -> str:
+def study_storage(resume: Any, sweep_dir: str, monitor: str, mode: str) -> str:
     """The Optuna storage URL: a new optuna.db in this sweep dir, or an earlier study's when resuming.
 
     resume false -> `<sweep dir>/optuna.db`; true -> the newest optuna.db among the sibling sweep dirs (the earlier
-    searches of this run name); a path -> that optuna.db, or the one in that sweep dir.
+    searches of this run name); a path -> that optuna.db, or the one in that sweep dir. The monitor and its mode
+    are recorded beside a new study (optuna_monitor.json), and a resume that optimizes another one is refused.
     """
     here = Path(sweep_dir)
     if resume is None or resume is False:
         here.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+        write_json(here / STUDY_MONITOR_FILE, {"monitor": str(monitor), "monitor_mode": str(mode)})
         return f"sqlite:///{here / STUDY_FILE}"
     if resume is True:
         earlier = sorted(p for p in here.parent.glob(f"*/{STUDY_FILE}") if p.parent != here)
@@ -65,16 +68,34 @@ def study_storage(resume: Any, sweep_dir: str) -> str:
                 "`python train.py -m hparams_search=optuna` run with the same name. Fix: run once without "
                 "hparams_search.resume, or pass hparams_search.resume=/path/to/optuna.db."
             )
-        return f"sqlite:///{earlier[-1]}"
-    path = Path(str(resume)).expanduser().resolve()
-    study = path / STUDY_FILE if path.is_dir() else path
-    if not study.is_file():
-        raise ConfigError(
-            f"hparams_search.resume={resume}: {study} does not exist. Expected an Optuna study file written by an "
-            f"earlier search (<sweep dir>/{STUDY_FILE}) or its sweep dir. Fix: pass an existing path, or "
-            "hparams_search.resume=true for the newest study of this run name."
-        )
+        study = earlier[-1]
+    else:
+        path = Path(str(resume)).expanduser().resolve()
+        study = path / STUDY_FILE if path.is_dir() else path
+        if not study.is_file():
+            raise ConfigError(
+                f"hparams_search.resume={resume}: {study} does not exist. Expected an Optuna study file written by "
+                f"an earlier search (<sweep dir>/{STUDY_FILE}) or its sweep dir. Fix: pass an existing path, or "
+                "hparams_search.resume=true for the newest study of this run name."
+            )
+    _check_study_monitor(study, str(monitor), str(mode))
     return f"sqlite:///{study}"
+
+
+def _check_study_monitor(study: Path, monitor: str, mode: str) -> None:
+    """A study's trials are values of one monitor, in one direction: resuming it with another would mix them."""
+    record = study.parent / STUDY_MONITOR_FILE
+    if not record.is_file():  # a study written before the monitor was recorded: nothing to compare
+        return
+    recorded = read_json(record)
+    if (recorded.get("monitor"), recorded.get("monitor_mode")) != (monitor, mode):
+        raise ConfigError(
+            f"hparams_search.resume: the study {study} optimizes monitor={recorded.get('monitor')} "
+            f"(monitor_mode={recorded.get('monitor_mode')}), but this search has monitor={monitor} "
+            f"(monitor_mode={mode}); its trials' values would be compared with values of another metric. "
+            f"Fix: resume with monitor={recorded.get('monitor')} monitor_mode={recorded.get('monitor_mode')}, or "
+            "start a new study without hparams_search.resume."
+        )
 
 
 def stdout_isatty() -> bool:
@@ -192,7 +213,8 @@ def sweep_job() -> Iterator[None]:
     hydra_cfg = HydraConfig.get()
     # Lightning's DDP re-runs sys.argv for the other ranks with `hydra.run.dir=<HydraConfig run.dir>` appended:
     # give them this job's overrides (not the whole sweep) and this job's folder (not an unused single-run one).
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    # hydra.mode=RUN: a config that makes itself a sweep (experiment=cv, hparams_search=optuna) must not sweep again.
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, "hydra.mode=RUN"]
     with read_write(cast(DictConfig, hydra_cfg.run)):  # HydraConfig is read-only
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     try:
