@@ -52,7 +52,8 @@ def group_keys(paths: list[str], root: Path, pattern: str | None, duplicates: li
         except re.error as error:
             raise ConfigError(
                 f"data.group_by={pattern!r} is not a regular expression ({error}). Expected a pattern whose first "
-                r"group is the group key, e.g. data.group_by='patient_(\d+)'. Fix: correct the pattern."
+                r"""group is the group key, e.g. "data.group_by='patient_(\d+)'" on the command line, quoted """
+                "whole so that the shell keeps the quotes Hydra needs. Fix: correct the pattern."
             ) from None
         matches = [regex.search(rel) for rel in relative]
         unmatched = [rel for rel, match in zip(relative, matches, strict=True) if match is None]
