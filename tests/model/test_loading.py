@@ -54,6 +54,8 @@ def test_a_flat_folder_is_split_as_recorded_even_after_it_moved(make_metadata, t
     recorded = {**trained.summary(), "split_file": str(tmp_path / "run" / "split.json")}
     meta = _meta(make_metadata, dataset=recorded)
     same = trained_splits(meta, folder, source="cats@v1")
+    # Reloaded from split.json, it says how it was drawn (the log said data.val_fraction=0.0, data.split_seed=0).
+    assert (same.split_seed, same.val_fraction, same.test_fraction) == (7, 0.3, 0.2)
     moved = folder.rename(tmp_path / "moved")
     again = trained_splits(meta, moved, source="cats@v1", moved=True)
     for split in ("train", "val", "test"):

@@ -103,6 +103,10 @@ class DataSplits:
             "layout": self.layout,
             "class_names": self.class_names,
             "fingerprint": self.fingerprint(),
+            # How the flat layout was drawn: a reloaded split says so (not the dataclass's 0.0 defaults).
+            "split_seed": self.split_seed,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
             "samples": {s: [[os.path.relpath(p, self.root), y] for p, y in items] for s, items in self.samples.items()},
             **({"cv": self.cv} if self.cv else {}),  # the fold of every pool image, reused on resume
         }
@@ -377,7 +381,8 @@ def load_recorded(path: Path, root: str | Path) -> DataSplits:
     """Reload a split recorded by `DataSplits.save`, checking that the files still exist under `root`."""
     data = json.loads(Path(path).read_text())
     root = Path(root).expanduser().resolve()
-    splits = DataSplits(root, data["layout"], data["class_names"], cv=data.get("cv", {}))
+    drawn = {key: data[key] for key in ("split_seed", "val_fraction", "test_fraction") if key in data}
+    splits = DataSplits(root, data["layout"], data["class_names"], cv=data.get("cv", {}), **drawn)
     for split, items in data["samples"].items():
         splits.samples[split] = [(str(root / rel), y) for rel, y in items]
     missing = [p for items in splits.samples.values() for p, _ in items if not os.path.exists(p)]
