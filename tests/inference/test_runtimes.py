@@ -95,10 +95,10 @@ def test_exports_of_a_registry_version_go_to_its_exports_folder(tmp_path: Path) 
     (version / "model.safetensors").write_bytes(b"")
     cfg = type("Cfg", (), {"export": type("E", (), {"out_dir": str(tmp_path / "out")})})()
     for source in ("pets@v2", "pets@latest", str(version), str(version / "model.safetensors")):
-        assert _out_dir(cfg, source, tmp_path / "models") == version.resolve() / "exports"  # type: ignore[arg-type]
+        assert _out_dir(cfg, source, tmp_path / "models", []) == version.resolve() / "exports"  # type: ignore[arg-type]
     loose = tmp_path / "loose.ckpt"
     loose.write_bytes(b"")
-    assert _out_dir(cfg, str(loose), tmp_path / "models") == (tmp_path / "out").resolve()  # type: ignore[arg-type]
+    assert _out_dir(cfg, str(loose), tmp_path / "models", []) == (tmp_path / "out").resolve()  # type: ignore[arg-type]
 
 
 def test_unknown_formats_are_named() -> None:
