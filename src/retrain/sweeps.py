@@ -342,10 +342,12 @@ def _worse_than_study(config: DictConfig, best: Job | None) -> bool:
 
 def _holder(config: DictConfig, value: float) -> str:
     """The registry version that the earlier sweeps of the study published for the job with this value."""
+    from retrain.utils.run_dirs import run_results  # torch: only at the end of a resumed search
+
     study_sweeps = Path(str(config.hydra.sweeper.storage).removeprefix("sqlite:///")).parent.parent
     roots = dict.fromkeys([study_sweeps, Path(config.hydra.sweep.dir).parent])  # resume=PATH: another name's folder
     for results_file in sorted(f for root in roots for f in root.glob("*/*/results.json")):
-        results = json.loads(results_file.read_text())
+        results = run_results(results_file.parent)
         registry, job_value = results.get("registry") or {}, results.get("monitor_value")
         if registry and job_value is not None and math.isclose(float(job_value), value, rel_tol=1e-9):
             return f"{registry.get('name')}@v{int(registry['version']):03d} ({registry.get('path')})"

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from retrain.errors import ConfigError
 from retrain.model.module import ClassifierModule
+from retrain.utils.cli import set_on_command_line
 from retrain.utils.io import write_json
 from retrain.utils.ranks import is_rank_zero
 
@@ -27,7 +28,7 @@ RECORD = "lr_find.json"
 
 def lr_set_by_user(overrides: Iterable[str]) -> bool:
     """Whether this run's command line fixed `model.lr` (then the finder only advises): `model.lr=`, `+`, `++`."""
-    return any(str(o).split("=", 1)[0].lstrip("+~") == "model.lr" for o in overrides)
+    return set_on_command_line(overrides, "model.lr")
 
 
 def find_lr(

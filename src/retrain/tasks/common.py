@@ -22,6 +22,7 @@ from retrain.data.splits import DataSplits, split_as_recorded
 from retrain.data.summary import log_data_summary
 from retrain.data.validate import ERROR_KINDS, ValidationReport, raise_for_bad_files, scan
 from retrain.errors import ConfigError, DataError
+from retrain.utils.cli import set_on_command_line
 from retrain.utils.ranks import is_rank_zero
 
 log = logging.getLogger("retrain")
@@ -50,7 +51,7 @@ def inherit_hflip(data_cfg: DictConfig, parent: Artifact | None, overrides: Iter
     if pre.get("hflip", True) or not data_cfg.hflip:
         return
     origin = parent.path if parent and parent.path else "the model it starts from"
-    if any(str(o).split("=", 1)[0].lstrip("+~") == "data.hflip" for o in overrides):
+    if set_on_command_line(overrides, "data.hflip"):
         log.warning("data.hflip=true: the images are mirrored, although %s was trained with data.hflip=false", origin)
         return
     data_cfg.hflip = False

@@ -28,6 +28,7 @@ from retrain.inference.deploy_info import deploy_info, to_props, write_sidecar
 from retrain.inference.runtimes import FILE_NAMES
 from retrain.model.loading import load_trained, trained_splits
 from retrain.tasks.common import split_options
+from retrain.utils.cli import set_on_command_line
 from retrain.utils.hydra import output_dir
 from retrain.utils.io import write_json
 
@@ -140,7 +141,7 @@ def _out_dir(cfg: DictConfig, source: str, model_dir: Path, overrides: list[str]
             return Path(str(cfg.export.out_dir)).expanduser().resolve()
     if registry.VERSION_DIR_RE.fullmatch(path.name) and (path / registry.METADATA_FILE).is_file():
         exports = path.resolve() / "exports"
-        if any(str(o).split("=", 1)[0].lstrip("+~") == "export.out_dir" for o in overrides):
+        if set_on_command_line(overrides, "export.out_dir"):
             log.warning(
                 "export.out_dir=%s is set aside: %s is a registry version, whose exports go to its own folder %s, "
                 "where serve.py and predict.py find them. Fix: to write them elsewhere, copy them from there, or "

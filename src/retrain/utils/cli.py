@@ -15,7 +15,7 @@ import inspect
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +240,8 @@ def _example(hint: Any) -> str | None:
         if (example := _example(arg)) is not None:
             return example
     return None
+
+
+def set_on_command_line(overrides: Iterable[str], key: str) -> bool:
+    """Whether the command line set `key` (`key=`, `+key=`, `++key=`): the user's choice wins over a default."""
+    return any(str(o).split("=", 1)[0].lstrip("+~") == key for o in overrides)
